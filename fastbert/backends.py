@@ -1,0 +1,143 @@
+"""Which implementation runs each op.
+
+Four backends exist; each is a module exposing some of the op functions of
+:mod:`fastbert.reference` under the same names and signatures:
+
+========  ==========================  ==============================================
+backend   runs on                     module
+========  ==========================  ==============================================
+triton    CUDA tensors (CPU tensors   ``fastbert.kernels`` (Triton)
+          under TRITON_INTERPRET=1)
+cuda      CUDA tensors                ``fastbert.extension`` (the compiled ``fastbert._C``)
+cpp       CPU tensors                 ``fastbert.extension`` (the compiled ``fastbert._C``)
+torch     anything                    ``fastbert.reference`` (plain PyTorch)
+========  ==========================  ==============================================
+
+Choosing: an explicit ``backend=`` argument wins, then the :func:`use_backend` context, then
+the ``FASTBERT_BACKEND`` environment variable, then the device default (CUDA: triton, cuda,
+torch; CPU: cpp, torch). The chosen backend runs every op it implements; an op it does not
+implement runs on the next backend of the device's order. A backend that cannot run at all
+here (no GPU, extension not built, Triton missing) is skipped with one warning that says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+OPS = ("attention", "linear_gelu", "add_layernorm", "embed_layernorm", "unpad", "pad")
+DEVICE_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+ENV_VAR = "FASTBERT_BACKEND"
+
+_MODULES = {
+    "triton": "fastbert.kernels",
+    "cuda": "fastbert.extension",
+    "cpp": "fastbert.extension",
+    "torch": "fastbert.reference",
+}
+
+_local = threading.local()
+_warned: set[tuple[str, str]] = set()
+_plan_cache: dict[tuple[str, str | None], dict[str, str]] = {}
+_impl_cache: dict[tuple[str, str, str], object] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run on this machine or device; the message says why."""
+
+
+def _check_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown fastbert backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def load(backend: str, device_type: str):
+    """The module implementing ``backend`` on ``device_type``; raises BackendUnavailable."""
+    _check_name(backend)
+    if backend == "triton" and device_type == "cpu" and not _interpreting():
+        raise BackendUnavailable("triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    if backend == "cuda" and device_type != "cuda":
+        raise BackendUnavailable("the cuda backend needs CUDA tensors")
+    if backend == "cpp" and device_type != "cpu":
+        raise BackendUnavailable("the cpp backend needs CPU tensors")
+    if device_type not in DEVICE_ORDER and backend != "torch":
+        raise BackendUnavailable(f"only the torch backend runs on {device_type} tensors")
+    try:
+        module = importlib.import_module(_MODULES[backend])
+    except ImportError as exc:
+        raise BackendUnavailable(f"{_MODULES[backend]} cannot be imported ({exc})") from exc
+    reason = getattr(module, "unavailable_reason", lambda device_type: None)(device_type)
+    if reason:
+        raise BackendUnavailable(reason)
+    return module
+
+
+def requested_backend(explicit: str | None = None) -> str | None:
+    """The backend asked for by argument, context manager or environment, or None for the default."""
+    for choice in (explicit, getattr(_local, "backend", None), os.environ.get(ENV_VAR) or None):
+        if choice is not None:
+            _check_name(choice)
+            return choice
+    return None
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None) -> Iterator[None]:
+    """Run fastbert ops inside the block on ``backend`` (None restores the default choice)."""
+    if backend is not None:
+        _check_name(backend)
+    previous = getattr(_local, "backend", None)
+    _local.backend = backend
+    try:
+        yield
+    finally:
+        _local.backend = previous
+
+
+def _warn_once(backend: str, reason: str) -> None:
+    if (backend, reason) not in _warned:
+        _warned.add((backend, reason))
+        warnings.warn(f"fastbert: backend {backend!r} unavailable, falling back: {reason}", stacklevel=3)
+
+
+def plan(device: torch.device, backend: str | None = None) -> dict[str, str]:
+    """Map every op to the backend that will run it for tensors on ``device``."""
+    requested = requested_backend(backend)
+    key = (device.type, requested)
+    if key in _plan_cache:
+        return _plan_cache[key]
+    default = DEVICE_ORDER.get(device.type, ("torch",))
+    order = default if requested is None else (requested, *[b for b in default if b != requested])
+    modules = {}
+    for name in order:
+        try:
+            modules[name] = load(name, device.type)
+        except BackendUnavailable as exc:
+            if name == requested or name == default[0]:
+                _warn_once(name, str(exc))
+    if "torch" not in modules:
+        modules["torch"] = load("torch", device.type)
+    result = {}
+    for op in OPS:
+        result[op] = next(name for name, module in modules.items() if hasattr(module, op))
+    _plan_cache[key] = result
+    return result
+
+
+def implementation(op: str, backend: str, device_type: str):
+    """The function running ``op`` on ``backend`` for ``device_type`` tensors."""
+    key = (op, backend, device_type)
+    if key not in _impl_cache:
+        _impl_cache[key] = getattr(load(backend, device_type), op)
+    return _impl_cache[key]

@@ -1,0 +1,135 @@
+"""Plain-PyTorch reference implementations of every fastbert op.
+
+These are the ground truth of the test suite and the ``torch`` backend. They favour being
+obviously right over being fast: each is a few lines of standard PyTorch, computed in the
+input dtype except where noted (softmax and LayerNorm statistics in at least fp32).
+
+Shapes (T = total valid tokens over the batch, B = batch, S = padded length, H = hidden,
+N = heads, D = head dim):
+
+- attention: q, k, v ``[T, N, D]`` packed by ``cu_seqlens`` (int32 ``[B + 1]``) -> ``[T, N, D]``
+- linear_gelu: x ``[T, K]``, weight ``[F, K]``, bias ``[F]`` -> ``[T, F]``
+- add_layernorm: x, residual ``[T, H]`` -> ``[T, H]``
+- embed_layernorm: ids ``[T]`` (word, position, token type) -> ``[T, H]``
+- unpad: x ``[B, S, ...]``, indices ``[T]`` (flat positions of valid tokens) -> ``[T, ...]``
+- pad: x ``[T, ...]`` -> ``[B, S, ...]`` with zeros at pad positions
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Low-precision inputs are computed in fp32 (as every fused kernel does); fp32/fp64 as is."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    causal: bool,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias, causal) v for each packed sequence.
+
+    ``bias`` (optional) is additive, shaped ``[B, N, max_seqlen, max_seqlen]`` (broadcast dims
+    allowed); it is only meaningful when every sequence has length ``max_seqlen`` (the padded
+    path). A query row whose keys are all masked (-inf) gives zeros, never NaN.
+    """
+    out_dtype = q.dtype
+    cdt = _compute_dtype(q.dtype)
+    batch = cu_seqlens.numel() - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    S = max(int(max_seqlen), 1)
+    # Scatter the packed tokens into a padded [B, S, N, D] layout, then plain masked softmax.
+    pos = torch.arange(S, device=q.device)
+    valid = pos[None, :] < lengths[:, None]  # [B, S]
+    index = valid.flatten().nonzero().flatten()
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        return pad(x.to(cdt), index, batch, S).transpose(1, 2)  # [B, N, S, D]
+
+    qp, kp, vp = padded(q), padded(k), padded(v)
+    scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale  # [B, N, S, S]
+    if bias is not None:
+        scores = scores + bias.to(cdt)
+    allowed = valid[:, None, None, :]
+    if causal:
+        allowed = allowed & (pos[None, :] <= pos[:, None])[None, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows with every key masked
+    out = torch.matmul(probs, vp).transpose(1, 2)  # [B, S, N, D]
+    return unpad(out, index).to(out_dtype)
+
+
+def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """Exact erf GELU (``"none"``) or the tanh form (``"tanh"``, HF ``gelu_new``)."""
+    if approximate == "none":
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    """GELU(x Wᵀ + b)."""
+    cdt = _compute_dtype(x.dtype)
+    y = F.linear(x, weight, bias).to(cdt)
+    return gelu(y, approximate).to(x.dtype)
+
+
+def add_layernorm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """LayerNorm(x + bias + residual) · weight + ln_bias, statistics in at least fp32."""
+    cdt = _compute_dtype(x.dtype)
+    h = x.to(cdt) + residual.to(cdt)
+    if bias is not None:
+        h = h + bias.to(cdt)
+    return F.layer_norm(h, h.shape[-1:], weight.to(cdt), ln_bias.to(cdt), eps).to(x.dtype)
+
+
+def embed_layernorm(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    token_type_ids: torch.Tensor,
+    word_embeddings: torch.Tensor,
+    position_embeddings: torch.Tensor,
+    token_type_embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """LayerNorm(word[ids] + token_type[tt] + position[pos]) for packed tokens."""
+    cdt = _compute_dtype(word_embeddings.dtype)
+    h = word_embeddings[input_ids].to(cdt) + token_type_embeddings[token_type_ids].to(cdt)
+    h = h + position_embeddings[position_ids].to(cdt)
+    return F.layer_norm(h, h.shape[-1:], weight.to(cdt), ln_bias.to(cdt), eps).to(word_embeddings.dtype)
+
+
+def unpad(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Gather the valid tokens of a padded ``[B, S, ...]`` tensor into ``[T, ...]``."""
+    return x.flatten(0, 1)[indices]
+
+
+def pad(x: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Scatter packed ``[T, ...]`` tokens back to ``[B, S, ...]``; pad positions are zero."""
+    out = x.new_zeros(batch * seqlen, *x.shape[1:])
+    out[indices] = x
+    return out.view(batch, seqlen, *x.shape[1:])
