@@ -111,6 +111,9 @@ def _warn_once(backend: str, reason: str) -> None:
         warnings.warn(f"fastbert: backend {backend!r} unavailable, falling back: {reason}", stacklevel=3)
 
 
+# Dynamo calls this eagerly and bakes the result into the graph: a plan depends only on
+# machine state (installed backends, environment), never on tensor values.
+@torch._dynamo.assume_constant_result
 def plan(device: torch.device, backend: str | None = None) -> dict[str, str]:
     """Map every op to the backend that will run it for tensors on ``device``."""
     requested = requested_backend(backend)

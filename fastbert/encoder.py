@@ -41,10 +41,14 @@ class Packing:
     @classmethod
     def from_mask(cls, valid: torch.Tensor) -> "Packing":
         batch, seqlen = valid.shape
-        lengths = valid.sum(dim=1, dtype=torch.int32)
-        cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-        indices = valid.flatten().nonzero().flatten()
-        return cls(indices, cu_seqlens, int(lengths.max()) if batch else 0, batch, seqlen)
+        indices, cu_seqlens = ops.packing(valid)
+        # max_seqlen only bounds the kernels' grids: the padded length is a valid bound, and
+        # under torch.compile it avoids a data-dependent scalar (a graph break).
+        if torch.compiler.is_compiling() or batch == 0:
+            max_seqlen = seqlen
+        else:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return cls(indices, cu_seqlens, max_seqlen, batch, seqlen)
 
     @classmethod
     def full(cls, batch: int, seqlen: int, device: torch.device) -> "Packing":
