@@ -1,0 +1,84 @@
+"""Differences between the torch and Triton versions fastbert runs on, in one place.
+
+Supported ranges: torch 2.5+ and Triton 3.1+ (developed against Triton 3.6 and 3.9).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gpu_target(arch: int):
+    """Triton's compile target for CUDA compute capability ``arch`` (80, 90, ...)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError:  # Triton before the backends package
+        from triton.compiler.compiler import GPUTarget
+    return GPUTarget("cuda", arch, 32)
+
+
+def compile_for(kernel, signature: dict[str, str], constexprs: dict, arch: int, num_warps: int, num_stages: int,
+                aligned: tuple[str, ...] = ()):
+    """Compile a ``@triton.jit`` kernel for ``arch`` ahead of time; no GPU needed.
+
+    ``signature`` maps each runtime argument to a Triton type ("*fp16", "i32", "fp32", ...);
+    ``constexprs`` maps each constexpr argument to its value (an integer argument equal to 1
+    belongs here: a launch specialises it as a constant). ``aligned`` names the pointers and
+    integers to treat as multiples of 16, as a launch does when they are; without it loads
+    cannot vectorise and register use looks far worse than on a real launch. Triton 3.2+ wants
+    constexprs in the signature too, marked "constexpr".
+    """
+    import triton
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    # Under TRITON_INTERPRET=1, @triton.jit made an interpreter function; compile its source.
+    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+    full = {name: signature.get(name, "constexpr") for name in fn.arg_names}
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=gpu_target(arch), options=options)
+
+
+def _cuobjdump() -> str | None:
+    """The cuobjdump Triton ships with, else one on PATH."""
+    try:
+        import triton.backends.nvidia as nvidia
+
+        bundled = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+        if os.access(bundled, os.X_OK):
+            return bundled
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+def resource_usage(compiled) -> dict[str, int]:
+    """Registers per thread, shared memory (bytes) and local memory (bytes, i.e. spills).
+
+    Triton only learns registers and spills when it loads the binary onto a GPU, so they are
+    read from the cubin with cuobjdump instead; shared memory is Triton's own figure.
+    """
+    tool = _cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (neither bundled with Triton nor on PATH)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", report))
+    return {
+        "registers": int(fields["REG"]),
+        "shared": int(compiled.metadata.shared),
+        "local": int(fields["LOCAL"]) + int(fields["STACK"]),
+    }

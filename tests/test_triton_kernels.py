@@ -1,0 +1,183 @@
+"""The Triton kernels against their references (``fastbert.reference``) computed in float64.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (fp32 and fp16; the
+interpreter's bf16 arithmetic is wrong, so bf16 runs on CUDA only). Shapes are tiny but
+awkward: sequence lengths 1, 7, 33, 129, 257 and 0, one long sequence among short ones, head
+dims that are not powers of two, hidden sizes that are not either. Every output is poisoned
+with NaN before the call, so an element the kernel fails to write shows up. On a GPU the same
+tests run on CUDA, plus bf16 and BERT-large sized shapes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+from fastbert import reference
+from fastbert.kernels import add_layernorm, attention, linear_gelu
+from tests.tolerance import assert_within_rule
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _runnable(device: str, dtype: torch.dtype) -> None:
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1 (set when no GPU is present)")
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes bf16 wrongly; bf16 is checked on CUDA")
+
+
+def _poison(shape, dtype, device) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _packed_qkv(lengths, heads, head_dim, dtype, device):
+    """q, k, v as the encoder makes them: strided [T, N, D] views of one [T, 3, N, D] tensor."""
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    qkv = torch.randn(sum(lengths), 3, heads, head_dim, device=device).to(dtype)
+    q, k, v = qkv.unbind(1)
+    return q, k, v, cu_seqlens
+
+
+def _check_attention(q, k, v, cu_seqlens, max_seqlen, causal, bias=None):
+    scale = q.shape[-1] ** -0.5
+    out = attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias,
+                    out=_poison(q.shape, q.dtype, q.device))
+    as64 = [t.double() for t in (q, k, v)]
+    bias64 = bias.double() if bias is not None else None
+    ref64 = reference.attention(*as64, cu_seqlens, max_seqlen, scale, causal, bias64)
+    peer = reference.attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias)
+    assert_within_rule(out, ref64, peer)
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", [[1], [7, 33, 1], [129], [257, 1, 3, 2, 5], [5, 0, 3]],
+                         ids=["1", "7-33-1", "129", "long-and-short", "with-empty"])
+def test_attention_varlen(device, dtype, lengths, causal):
+    _runnable(device, dtype)
+    q, k, v, cu = _packed_qkv(lengths, 2, 64, dtype, device)
+    _check_attention(q, k, v, cu, max(lengths), causal)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 80, 96, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_head_dims(device, dtype, head_dim):
+    _runnable(device, dtype)
+    lengths = [33, 7]
+    q, k, v, cu = _packed_qkv(lengths, 2, head_dim, dtype, device)
+    _check_attention(q, k, v, cu, max(lengths), causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_bias_padded_path(device, dtype):
+    """A per-head 4D additive bias plus a broadcast key-padding bias (dims of stride 0)."""
+    _runnable(device, dtype)
+    batch, heads, seqlen = 2, 3, 19
+    q, k, v, cu = _packed_qkv([seqlen] * batch, heads, 32, dtype, device)
+    per_head = torch.randn(batch, heads, seqlen, seqlen, device=device).to(dtype)
+    _check_attention(q, k, v, cu, seqlen, causal=False, bias=per_head)
+    keep = torch.rand(batch, 1, 1, seqlen, device=device) > 0.3
+    keep[..., 0] = True
+    padding = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+    _check_attention(q, k, v, cu, seqlen, causal=True, bias=padding.expand(batch, heads, seqlen, seqlen))
+
+
+def test_attention_fully_masked_rows(device):
+    """Rows whose keys are all -inf give zeros (not NaN); rows masked with finfo.min stay finite."""
+    _runnable(device, torch.float32)
+    batch, heads, seqlen = 2, 2, 9
+    q, k, v, cu = _packed_qkv([seqlen] * batch, heads, 16, torch.float32, device)
+    bias = torch.zeros(batch, 1, seqlen, seqlen, device=device)
+    bias[0, :, 3] = float("-inf")
+    bias[1, :, 5] = torch.finfo(torch.float32).min
+    out = _check_attention(q, k, v, cu, seqlen, causal=False, bias=bias)
+    assert (out[3] == 0).all()
+    assert (out[seqlen + 5].abs() > 0).any()
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_attention_bert_large_cuda(dtype, causal):
+    """BERT-large shapes: 32 sequences of up to 512 tokens, 16 heads of 64."""
+    lengths = torch.randint(1, 513, (32,)).tolist()
+    lengths[0] = 512
+    q, k, v, cu = _packed_qkv(lengths, 16, 64, dtype, "cuda")
+    _check_attention(q, k, v, cu, 512, causal)
+
+
+# ----------------------------------------------------------------------------- linear_gelu
+
+
+def _check_linear_gelu(x, weight, bias, approximate):
+    out = linear_gelu(x, weight, bias, approximate, out=_poison((*x.shape[:-1], weight.shape[0]), x.dtype, x.device))
+    ref64 = reference.linear_gelu(x.double(), weight.double(), bias.double(), approximate)
+    assert_within_rule(out, ref64, reference.linear_gelu(x, weight, bias, approximate))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N", [(1, 16, 16), (37, 50, 70), (64, 64, 96), (130, 32, 48)])
+def test_linear_gelu(device, dtype, approximate, M, K, N):
+    _runnable(device, dtype)
+    wide = torch.randn(M, K + 3, device=device).to(dtype)
+    x = wide[:, :K]  # rows with a stride wider than K
+    weight = (torch.randn(N, K, device=device) / math.sqrt(K)).to(dtype)
+    bias = torch.randn(N, device=device).to(dtype)
+    _check_linear_gelu(x, weight, bias, approximate)
+
+
+def test_linear_gelu_rejects_unknown_approximation():
+    with pytest.raises(ValueError, match="approximate"):
+        linear_gelu(torch.randn(2, 4), torch.randn(3, 4), torch.randn(3), "sigmoid")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_linear_gelu_bert_large_cuda(dtype):
+    """The BERT-large FFN up-projection at 32 x 512 tokens: [16384, 1024] x [4096, 1024]ᵀ."""
+    x = torch.randn(32 * 512, 1024, device="cuda").to(dtype)
+    weight = (torch.randn(4096, 1024, device="cuda") / 32).to(dtype)
+    bias = torch.randn(4096, device="cuda").to(dtype)
+    _check_linear_gelu(x, weight, bias, "none")
+
+
+# ----------------------------------------------------------------------------- add_layernorm
+
+
+def _check_add_layernorm(x, residual, bias, weight, ln_bias, eps=1e-12):
+    out = add_layernorm(x, residual, bias, weight, ln_bias, eps, out=_poison(x.shape, x.dtype, x.device))
+    as64 = [t.double() if t is not None else None for t in (x, residual, bias, weight, ln_bias)]
+    ref64 = reference.add_layernorm(*as64, eps)
+    assert_within_rule(out, ref64, reference.add_layernorm(x, residual, bias, weight, ln_bias, eps))
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden", [(1, 7), (33, 384), (5, 768), (3, 1000), (2, 1024), (2, 4096)])
+def test_add_layernorm(device, dtype, rows, hidden, with_bias):
+    _runnable(device, dtype)
+    x = (torch.randn(rows, hidden, device=device) * 3 + 1).to(dtype)
+    residual = torch.randn(hidden, rows, device=device).to(dtype).t()  # non-contiguous
+    bias = torch.randn(hidden, device=device).to(dtype) if with_bias else None
+    weight = torch.randn(hidden, device=device).to(dtype)
+    ln_bias = torch.randn(hidden, device=device).to(dtype)
+    _check_add_layernorm(x, residual, bias, weight, ln_bias)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_add_layernorm_bert_large_cuda(dtype):
+    x, residual = (torch.randn(32 * 512, 1024, device="cuda").to(dtype) for _ in range(2))
+    bias, weight, ln_bias = (torch.randn(1024, device="cuda").to(dtype) for _ in range(3))
+    _check_add_layernorm(x, residual, bias, weight, ln_bias)
