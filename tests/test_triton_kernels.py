@@ -19,6 +19,7 @@ import torch
 
 from fastbert import reference
 from fastbert.kernels import add_layernorm, attention, linear_gelu
+from fastbert.kernels.attention import Config as AttentionConfig
 from tests.tolerance import assert_within_rule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -47,10 +48,10 @@ def _packed_qkv(lengths, heads, head_dim, dtype, device):
     return q, k, v, cu_seqlens
 
 
-def _check_attention(q, k, v, cu_seqlens, max_seqlen, causal, bias=None):
+def _check_attention(q, k, v, cu_seqlens, max_seqlen, causal, bias=None, launch=None):
     scale = q.shape[-1] ** -0.5
     out = attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias,
-                    out=_poison(q.shape, q.dtype, q.device))
+                    out=_poison(q.shape, q.dtype, q.device), launch=launch)
     as64 = [t.double() for t in (q, k, v)]
     bias64 = bias.double() if bias is not None else None
     ref64 = reference.attention(*as64, cu_seqlens, max_seqlen, scale, causal, bias64)
@@ -67,6 +68,20 @@ def test_attention_varlen(device, dtype, lengths, causal):
     _runnable(device, dtype)
     q, k, v, cu = _packed_qkv(lengths, 2, 64, dtype, device)
     _check_attention(q, k, v, cu, max(lengths), causal)
+
+
+@pytest.mark.parametrize("launch", [AttentionConfig(32, 16, 4, 1), AttentionConfig(16, 32, 4, 1)],
+                         ids=["M32-N16", "M16-N32"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_block_shapes(device, causal, launch):
+    """Query and key blocks of different sizes: where unmasked blocks end and the diagonal lies."""
+    _runnable(device, torch.float32)
+    lengths = [70, 1, 31, 32, 33, 16]
+    q, k, v, cu = _packed_qkv(lengths, 2, 32, torch.float32, device)
+    _check_attention(q, k, v, cu, max(lengths), causal, launch=launch)
+    bias = torch.randn(1, 2, 33, 33, device=device)
+    q, k, v, cu = _packed_qkv([33, 33], 2, 32, torch.float32, device)
+    _check_attention(q, k, v, cu, 33, causal, bias=bias, launch=launch)
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 80, 96, 128, 256])

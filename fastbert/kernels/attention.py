@@ -11,7 +11,8 @@ normaliser of an online softmax, so the ``S x S`` score matrix never exists in m
 * The softmax runs in base 2: ``scale * log2(e)`` is folded into one multiply of the scores and
   ``exp2`` replaces ``exp``. Scores, softmax and accumulation are fp32 whatever the input dtype.
 * Head dims that are not powers of two (80, 96) are padded to the next one with masked loads.
-* Causal programs stop at the diagonal: key blocks wholly above it are never loaded.
+* Causal programs stop at the diagonal: key blocks wholly above it are never loaded. Only the
+  blocks that need it (the sequence's last, causal diagonal ones) pay for key masking.
 * An additive bias ``[B, N, S, S]`` (any strides, 0 for broadcast dims) serves arbitrary masks
   on the padded path. ``-inf`` masks a key; a row with every key masked gives zeros, never NaN.
   Finite biases are clamped to ``-FLT_MAX / log2(e)`` before the base-2 rescale, so a mask
@@ -41,6 +42,55 @@ _MIN_BIAS = tl.constexpr(-torch.finfo(torch.float32).max / LOG2E)
 
 
 @triton.jit
+def _attend_block(
+    acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, row_ok, seq_len,
+    stride_kt, stride_vt, stride_bm, stride_bn, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Fold one block of keys into the running softmax state (acc, l_i, m_i) of a query block.
+
+    With MASKED false every key of the block exists and is visible to every row, so no key
+    masking is done (the common case: all blocks but the last and, causal, the diagonal ones).
+    """
+    keys = start_n + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    key_ok = keys < seq_len
+    # K is read transposed, [BLOCK_D, BLOCK_N], so the score block is a plain q @ kT.
+    k_ptrs = k_base + keys[None, :] * stride_kt + dims[:, None]
+    v_ptrs = v_base + keys[:, None] * stride_vt + dims[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=(dims < HEAD_DIM)[:, None] & key_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        k = tl.load(k_ptrs, mask=(dims < HEAD_DIM)[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=(dims < HEAD_DIM)[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, k, input_precision="ieee") * qk_scale
+    if HAS_BIAS:
+        b = tl.load(bias_base + rows[:, None] * stride_bm + keys[None, :] * stride_bn,
+                    mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.where(b == float("-inf"), b, tl.maximum(b, _MIN_BIAS))
+        s += b * _LOG2E
+    if MASKED:
+        keep = key_ok[None, :]
+        if CAUSAL:
+            keep = keep & (keys[None, :] <= rows[:, None])
+        s = tl.where(keep, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row masked so far has m_new == -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attention_fwd(
     q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, cu_seqlens_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -62,51 +112,40 @@ def _attention_fwd(
     q_base = q_ptr + seq_start * stride_qt + head * stride_qh
     k_base = k_ptr + seq_start * stride_kt + head * stride_kh
     v_base = v_ptr + seq_start * stride_vt + head * stride_vh
+    bias_base = bias_ptr + seq.to(tl.int64) * stride_bb + head * stride_bh
     rows = start_m + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < seq_len
-    dim_ok = dims < HEAD_DIM
-
-    q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if HAS_BIAS:
-        bias_base = bias_ptr + seq.to(tl.int64) * stride_bb + head * stride_bh
+    io_mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :], mask=io_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    end_n = tl.minimum(seq_len, start_m + BLOCK_M) if CAUSAL else seq_len
-    for start_n in range(0, end_n, BLOCK_N):
-        keys = start_n + cols
-        key_ok = keys < seq_len
-        # K is read transposed, [BLOCK_D, BLOCK_N], so the score block is a plain q @ kT.
-        k = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None], mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision="ieee") * qk_scale
-        if HAS_BIAS:
-            b = tl.load(bias_base + rows[:, None] * stride_bm + keys[None, :] * stride_bn,
-                        mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)
-            b = tl.where(b == float("-inf"), b, tl.maximum(b, _MIN_BIAS))
-            s += b * _LOG2E
-        keep = key_ok[None, :]
-        if CAUSAL:
-            keep = keep & (keys[None, :] <= rows[:, None])
-        s = tl.where(keep, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row masked so far has m_new == -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + keys[:, None] * stride_vt + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+    # Key blocks [0, full_end) need no masking: they lie inside the sequence and, causal, wholly
+    # at or below the block's first row. Blocks [full_end, end_n) are masked; causal programs
+    # stop at the diagonal.
+    if CAUSAL:
+        full_end = (tl.minimum(start_m + 1, seq_len) // BLOCK_N) * BLOCK_N
+        end_n = tl.minimum(seq_len, start_m + BLOCK_M)
+    else:
+        full_end = (seq_len // BLOCK_N) * BLOCK_N
+        end_n = seq_len
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, row_ok, seq_len,
+            stride_kt, stride_vt, stride_bm, stride_bn, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_BIAS)
+    for start_n in range(full_end, end_n, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, row_ok, seq_len,
+            stride_kt, stride_vt, stride_bm, stride_bn, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_BIAS)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_base = out_ptr + seq_start * stride_ot + head * stride_oh
-    tl.store(out_base + rows[:, None] * stride_ot + dims[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(out_base + rows[:, None] * stride_ot + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 class Config(NamedTuple):
@@ -133,7 +172,8 @@ def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False) -> Con
     # check this), with the largest query block that allows.
     width = block_d(head_dim)
     if dtype == torch.float32:
-        return Config(32, 32, 4, 2) if width <= 64 else Config(32, 16, 4, 2) if width <= 128 else Config(16, 16, 4, 2)
+        # fp32 runs its dots as exact fp32 FMAs (no tensor cores): small tiles.
+        return Config(32, 32, 8, 2) if width <= 64 else Config(16, 16, 4, 2)
     if width <= 64:
         return Config(128, 64, 8, 3)
     if width <= 128:
