@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import platform
@@ -26,9 +27,21 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastbert import backends, reference
+from fastbert import backends
+from fastbert.kernels.attention import Config as AttentionConfig
+from fastbert.kernels.linear_gelu import Config as LinearGeluConfig
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# --sweep: launch configurations tried beside the shipped heuristic's choice, so that one GPU run
+# shows which tile shapes to ship. (block_m, block_n[, block_k, group_m], num_warps, num_stages)
+SWEEP = {
+    "attention": [AttentionConfig(128, 64, 8, 3), AttentionConfig(128, 64, 4, 3), AttentionConfig(128, 128, 8, 2),
+                  AttentionConfig(64, 64, 4, 3), AttentionConfig(128, 32, 8, 2), AttentionConfig(64, 32, 4, 2)],
+    "linear_gelu": [LinearGeluConfig(128, 128, 64, 8, 8, 3), LinearGeluConfig(128, 256, 64, 8, 8, 3),
+                    LinearGeluConfig(256, 128, 64, 8, 8, 3), LinearGeluConfig(128, 128, 64, 8, 4, 4),
+                    LinearGeluConfig(64, 256, 64, 8, 4, 4), LinearGeluConfig(128, 64, 64, 8, 4, 4)],
+}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -181,12 +194,29 @@ def available_backends(op: str, device: str) -> dict[str, Callable]:
     return found
 
 
-def run(device: str, dtype: torch.dtype, rounds: int) -> dict:
+def _sweep_candidates(case: Case, impl: Callable) -> dict[str, Callable[[], object]]:
+    """The triton implementation at each sweep configuration that runs here (others are skipped)."""
+    found = {}
+    for cfg in SWEEP.get(case.op, []):
+        call = case.fused(functools.partial(impl, launch=cfg))
+        try:
+            call()
+        except Exception as exc:  # a tile that does not fit this GPU: report and go on
+            print(f"# sweep: {case.op} {cfg} does not run here: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        found[f"fastbert triton {tuple(cfg)}"] = call
+    return found
+
+
+def run(device: str, dtype: torch.dtype, rounds: int, sweep: bool = False) -> dict:
     ceilings = measure_ceilings(device, dtype, rounds)
     rows = []
     for case in cases(device, dtype):
         floor_s = max(case.flops / ceilings["matmul_flop_per_s"], case.bytes / ceilings["copy_bytes_per_s"])
-        candidates = {f"fastbert {name}": case.fused(impl) for name, impl in available_backends(case.op, device).items()}
+        implementations = available_backends(case.op, device)
+        candidates = {f"fastbert {name}": case.fused(impl) for name, impl in implementations.items()}
+        if sweep and "triton" in implementations:
+            candidates.update(_sweep_candidates(case, implementations["triton"]))
         candidates.update(case.eager)
         medians = time_interleaved(candidates, device, rounds)
         for name, seconds in medians.items():
@@ -199,7 +229,7 @@ def run(device: str, dtype: torch.dtype, rounds: int) -> dict:
             row["gb_per_s"] = case.bytes / seconds / 1e9
             rows.append(row)
             rate = f"{row['tflop_per_s']:8.3f} TFLOP/s" if case.flops else f"{row['gb_per_s']:8.1f} GB/s   "
-            print(f"{case.op:<14} {case.shape:<26} {name:<22} {row['median_ms']:9.3f} ms {rate} "
+            print(f"{case.op:<14} {case.shape:<26} {name:<44} {row['median_ms']:9.3f} ms {rate} "
                   f"{row['fraction_of_floor']:6.1%} of floor", flush=True)
     return {"ceilings": ceilings, "results": rows}
 
@@ -215,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--rounds", type=int, default=None, help="timed calls per candidate (default 50 cuda, 10 cpu)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the triton kernels at each launch configuration in SWEEP")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
@@ -227,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"# {header['device']} {header['dtype']} torch {header['torch']} triton {header['triton']}", flush=True)
     with torch.inference_mode():
-        record = {**header, **run(args.device, dtype, rounds)}
+        record = {**header, **run(args.device, dtype, rounds, args.sweep)}
     c = record["ceilings"]
     print(f"# ceilings: copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul {c['matmul_flop_per_s'] / 1e12:.2f} TFLOP/s")
     if args.out:

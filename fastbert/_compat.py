@@ -50,35 +50,57 @@ def compile_for(kernel, signature: dict[str, str], constexprs: dict, arch: int, 
     return triton.compile(source, target=gpu_target(arch), options=options)
 
 
-def _cuobjdump() -> str | None:
-    """The cuobjdump Triton ships with, else one on PATH."""
+def _nvidia_tool(name: str) -> str | None:
+    """A CUDA binary tool (ptxas, cuobjdump) as bundled with Triton, else from PATH."""
     try:
         import triton.backends.nvidia as nvidia
 
-        bundled = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+        bundled = os.path.join(os.path.dirname(nvidia.__file__), "bin", name)
         if os.access(bundled, os.X_OK):
             return bundled
     except ImportError:
         pass
-    return shutil.which("cuobjdump")
+    return shutil.which(name)
+
+
+def _ptxas(arch: int) -> str | None:
+    """The ptxas Triton itself uses for ``arch`` (newer Tritons use a newer one for sm_90+)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, TypeError):
+        return _nvidia_tool("ptxas")
+
+
+def _run_tool(tool: str | None, *args: str) -> str:
+    if tool is None:
+        raise RuntimeError(f"CUDA tool for {args[0]!r} not found (neither bundled with Triton nor on PATH)")
+    done = subprocess.run([tool, *args], capture_output=True, text=True, check=True)
+    return done.stdout + done.stderr
 
 
 def resource_usage(compiled) -> dict[str, int]:
-    """Registers per thread, shared memory (bytes) and local memory (bytes, i.e. spills).
+    """Registers per thread, shared memory, stack frame and spilled bytes of a compiled kernel.
 
-    Triton only learns registers and spills when it loads the binary onto a GPU, so they are
-    read from the cubin with cuobjdump instead; shared memory is Triton's own figure.
+    Triton learns registers and spills only when it loads the binary onto a GPU, so they are
+    read from the cubin with cuobjdump instead; shared memory is Triton's own figure. A stack
+    frame is not necessarily a spill, so when there is one, ptxas is run again on the PTX to
+    count the spill stores and loads exactly.
     """
-    tool = _cuobjdump()
-    if tool is None:
-        raise RuntimeError("cuobjdump not found (neither bundled with Triton nor on PATH)")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", report))
-    return {
-        "registers": int(fields["REG"]),
-        "shared": int(compiled.metadata.shared),
-        "local": int(fields["LOCAL"]) + int(fields["STACK"]),
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", _run_tool(_nvidia_tool("cuobjdump"), "-res-usage", cubin)))
+        usage = {"registers": int(fields["REG"]), "shared": int(compiled.metadata.shared),
+                 "stack": int(fields["STACK"]) + int(fields["LOCAL"]), "spilled": 0}
+        if usage["stack"]:
+            ptx = os.path.join(tmp, "kernel.ptx")
+            with open(ptx, "w") as f:
+                f.write(compiled.asm["ptx"])
+            arch = re.search(r"^\.target\s+(sm_\w+)", compiled.asm["ptx"], re.MULTILINE).group(1)
+            log = _run_tool(_ptxas(compiled.metadata.target.arch), "-v", f"--gpu-name={arch}", ptx,
+                            "-o", os.path.join(tmp, "again.cubin"))
+            usage["spilled"] = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return usage

@@ -168,12 +168,14 @@ def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False) -> Con
     """
     if interpreting:
         return Config(16, 16, 1, 1)
-    # Chosen so that no configuration spills registers on sm_80 or sm_90 (the compile tests
-    # check this), with the largest query block that allows.
+    # The largest tiles that spill no registers on sm_80 or sm_90 with Triton 3.6 or 3.9 (the
+    # compile tests check this for every head dim and dtype).
     width = block_d(head_dim)
     if dtype == torch.float32:
         # fp32 runs its dots as exact fp32 FMAs (no tensor cores): small tiles.
-        return Config(32, 32, 8, 2) if width <= 64 else Config(16, 16, 4, 2)
+        return Config(32, 32, 4 if width <= 32 else 8, 2) if width <= 64 else Config(16, 16, 4, 2)
+    if width <= 32:
+        return Config(64, 64, 4, 3)
     if width <= 64:
         return Config(128, 64, 8, 3)
     if width <= 128:
