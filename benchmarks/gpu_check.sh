@@ -8,7 +8,8 @@
 #                  C++/CUDA extension for sm_90 (TORCH_CUDA_ARCH_LIST=9.0) when csrc/ exists
 #   3. extension   imports fastbert._C (only when csrc/ exists)
 #   4. tests       the whole pytest suite, on CUDA (bf16 and BERT-large sizes included)
-#   5. kernels-*   op microbenchmarks, fp16 and bf16, as JSON (python -m benchmarks.kernels)
+#   5. kernels-*   op microbenchmarks, fp16 (with the sweep of launch configs) and bf16, as JSON
+#                  (python -m benchmarks.kernels)
 #   6. benchmarks  the model benchmark runner (python -m benchmarks), when benchmarks/__main__.py exists
 #
 # Every step writes RESULTS_DIR/<step>.log (and JSON where it has results) and the run goes on
@@ -75,9 +76,9 @@ if [ -d csrc ]; then
     step extension "$PYTHON" -c "import fastbert._C as ext; print('fastbert._C loaded from', ext.__file__)"
 fi
 step tests "$PYTHON" -m pytest tests -q -ra --junitxml="$RESULTS/pytest.xml"
-for dtype in float16 bfloat16; do
-    step "kernels-$dtype" "$PYTHON" -m benchmarks.kernels --device cuda --dtype "$dtype" --out "$RESULTS/kernels-$dtype.json"
-done
+step kernels-float16 "$PYTHON" -m benchmarks.kernels --device cuda --dtype float16 --sweep \
+    --out "$RESULTS/kernels-float16.json"
+step kernels-bfloat16 "$PYTHON" -m benchmarks.kernels --device cuda --dtype bfloat16 --out "$RESULTS/kernels-bfloat16.json"
 if [ -f benchmarks/__main__.py ]; then
     step benchmarks "$PYTHON" -m benchmarks --device cuda --out "$RESULTS"
 fi

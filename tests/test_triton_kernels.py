@@ -142,7 +142,7 @@ def _check_linear_gelu(x, weight, bias, approximate):
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M,K,N", [(1, 16, 16), (37, 50, 70), (64, 64, 96), (130, 32, 48)])
+@pytest.mark.parametrize("M,K,N", [(1, 16, 16), (37, 50, 70), (64, 64, 96), (130, 32, 48), (3, 0, 5)])
 def test_linear_gelu(device, dtype, approximate, M, K, N):
     _runnable(device, dtype)
     wide = torch.randn(M, K + 3, device=device).to(dtype)

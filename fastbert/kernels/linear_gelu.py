@@ -127,19 +127,20 @@ def linear_gelu(
     N = weight.shape[0]
     if weight.shape[1] != K or bias.shape != (N,):
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not match")
-    x2 = x.reshape(-1, K)
+    M = math.prod(lead)
+    x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    M = x2.shape[0]
     if out is None:
         out = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
     y2 = out.view(M, N)
     if M == 0 or N == 0:
         return out
-    if K == 0:
-        return out.copy_(torch.nn.functional.gelu(bias.float(), approximate=approximate).expand_as(y2).view_as(out))
+    if K == 0:  # x Wᵀ is all zeros
+        y2.copy_(torch.nn.functional.gelu(bias.float(), approximate=approximate).expand_as(y2))
+        return out
     cfg = launch or config(M, x.dtype, _compat.interpreting())
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _linear_gelu[grid](
