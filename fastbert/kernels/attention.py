@@ -34,7 +34,10 @@ import triton.language as tl
 from fastbert import _compat
 
 LOG2E = math.log2(math.e)
+# Any head dim up to the last works; these are the ones the tests compile and run.
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+# CUDA caps the second and third grid dimensions (heads, sequences) at 65535 programs.
+MAX_GRID_YZ = 65535
 
 _LOG2E = tl.constexpr(LOG2E)
 # The most negative finite bias whose base-2 rescale (x log2(e)) still fits in fp32.
@@ -202,18 +205,22 @@ def attention(
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale + bias, causal) v; see :func:`fastbert.reference.attention`.
 
-    ``out`` (optional, contiguous ``[T, N, D]``) receives the result; ``launch`` overrides the
-    configuration :func:`config` picks.
+    ``out`` (optional, ``[T, N, D]`` with a contiguous head dim) receives the result; ``launch``
+    overrides the configuration :func:`config` picks.
     """
     T, heads, head_dim = q.shape
+    batch = cu_seqlens.numel() - 1
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k and v must share one [T, N, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if head_dim > max(HEAD_DIMS):
         raise ValueError(f"head dim {head_dim} is above the largest supported, {max(HEAD_DIMS)}")
+    if max(heads, batch) > MAX_GRID_YZ:
+        raise ValueError(f"{heads} heads x {batch} sequences: at most {MAX_GRID_YZ} of each per call")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if out is None:
         out = torch.empty(T, heads, head_dim, dtype=q.dtype, device=q.device)
-    batch = cu_seqlens.numel() - 1
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} with a contiguous last dim, got {tuple(out.shape)}")
     if T == 0 or batch == 0 or max_seqlen == 0:
         return out.zero_()
     cfg = launch or config(head_dim, q.dtype, _compat.interpreting())

@@ -81,6 +81,8 @@ def add_layernorm(
         raise ValueError(f"residual {tuple(residual.shape)} must have the shape of x {tuple(x.shape)}")
     x2, res2 = (t.reshape(-1, H) for t in (x, residual))
     x2, res2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, res2))
+    # The [H] vectors are read as contiguous (a no-op for parameters, which are).
+    bias, weight, ln_bias = (t.contiguous() if t is not None else None for t in (bias, weight, ln_bias))
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y2 = out.view(-1, H)

@@ -133,6 +133,7 @@ def linear_gelu(
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
+    bias = bias.contiguous()
     if out is None:
         out = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
     y2 = out.view(M, N)
