@@ -159,6 +159,25 @@ def _add_layernorm_case(T, H, dtype, device) -> Case:
     )
 
 
+def _embed_layernorm_case(T, H, vocab, dtype, device) -> Case:
+    ids = [torch.randint(0, n, (T,), device=device) for n in (vocab, 512, 2)]
+    tables = [torch.randn(n, H, device=device).to(dtype) for n in (vocab, 512, 2)]
+    weight, ln_bias = (torch.randn(H, device=device).to(dtype) for _ in range(2))
+
+    def eager():
+        h = tables[0][ids[0]] + tables[2][ids[2]] + tables[1][ids[1]]
+        return F.layer_norm(h, (H,), weight, ln_bias, 1e-12)
+
+    return Case(
+        op="embed_layernorm",
+        shape=f"T{T} H{H} V{vocab}",
+        flops=0.0,
+        bytes=(4 * T * H) * tables[0].element_size() + 3 * T * ids[0].element_size(),  # 3 rows read, 1 written
+        fused=lambda impl: (lambda: impl(*ids, *tables, weight, ln_bias, 1e-12)),
+        eager={"torch gather+layer_norm": eager},
+    )
+
+
 def cases(device: str, dtype: torch.dtype) -> list[Case]:
     if device == "cuda":
         return [
@@ -171,11 +190,13 @@ def cases(device: str, dtype: torch.dtype) -> list[Case]:
             _add_layernorm_case(32 * 512, 768, dtype, device),
             _add_layernorm_case(32 * 512, 1024, dtype, device),
             _add_layernorm_case(32 * 512, 4096, dtype, device),
+            _embed_layernorm_case(32 * 512, 1024, 30522, dtype, device),
         ]
     return [
         _attention_case(4, 128, 4, 64, False, dtype, device),
         _linear_gelu_case(512, 256, 1024, dtype, device),
         _add_layernorm_case(2048, 768, dtype, device),
+        _embed_layernorm_case(2048, 384, 1000, dtype, device),
     ]
 
 

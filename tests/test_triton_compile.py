@@ -101,6 +101,19 @@ def _layernorm_cases() -> list[dict]:
                 "aligned": [n for n in signature if n not in ("n_rows", "H", "eps")],
                 "num_warps": cfg.num_warps, "num_stages": 1, "matrix": False,
             })
+        if cfg.block_h >= 16:  # embeddings: hidden sizes of 16 and up
+            signature = {"word_ids_ptr": "*i64", "pos_ids_ptr": "*i64", "type_ids_ptr": "*i64", "word_ptr": "*fp16",
+                         "pos_ptr": "*fp16", "type_ptr": "*fp16", "w_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*fp16",
+                         "n_rows": "i32", "H": "i32", "stride_word": "i32", "stride_pos": "i32", "stride_type": "i32",
+                         "stride_y": "i32", "eps": "fp32"}
+            cases.append({
+                "kernel": "embed_layernorm", "module": "fastbert.kernels.layernorm", "fn": "_embed_layernorm",
+                "label": f"fp16 H{cfg.block_h} rows{cfg.rows} w{cfg.num_warps}",
+                "signature": signature,
+                "constexprs": {"BLOCK_H": cfg.block_h, "ROWS": cfg.rows},
+                "aligned": [n for n in signature if n not in ("n_rows", "H", "eps")],
+                "num_warps": cfg.num_warps, "num_stages": 1, "matrix": False,
+            })
     return cases
 
 
@@ -150,12 +163,12 @@ def _run_workers(jobs: list[tuple[int, int]], workers: int) -> list[dict]:
 
 
 def format_report(rows: list[dict]) -> str:
-    lines = [f"{'kernel':<14} {'config':<48} {'sm':>3} {'regs':>5} {'shared':>7} {'stack':>6} {'spill':>6} wgmma"]
+    lines = [f"{'kernel':<16} {'config':<48} {'sm':>3} {'regs':>5} {'shared':>7} {'stack':>6} {'spill':>6} wgmma"]
     for r in sorted(rows, key=lambda r: (r["kernel"], r["config"], r["sm"])):
         if "error" in r:
-            lines.append(f"{r['kernel']:<14} {r['config']:<48} {r['sm']:>3} FAILED {r['error'][:80]}")
+            lines.append(f"{r['kernel']:<16} {r['config']:<48} {r['sm']:>3} FAILED {r['error'][:80]}")
         else:
-            lines.append(f"{r['kernel']:<14} {r['config']:<48} {r['sm']:>3} {r['registers']:>5} {r['shared']:>7} "
+            lines.append(f"{r['kernel']:<16} {r['config']:<48} {r['sm']:>3} {r['registers']:>5} {r['shared']:>7} "
                          f"{r['stack']:>6} {r['spilled']:>6} {'yes' if r['wgmma'] else 'no'}")
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastbert import reference
-from fastbert.kernels import add_layernorm, attention, linear_gelu
+from fastbert.kernels import add_layernorm, attention, embed_layernorm, linear_gelu
 from fastbert.kernels.attention import Config as AttentionConfig
 from tests.tolerance import assert_within_rule
 
@@ -196,3 +196,37 @@ def test_add_layernorm_bert_large_cuda(dtype):
     x, residual = (torch.randn(32 * 512, 1024, device="cuda").to(dtype) for _ in range(2))
     bias, weight, ln_bias = (torch.randn(1024, device="cuda").to(dtype) for _ in range(3))
     _check_add_layernorm(x, residual, bias, weight, ln_bias)
+
+
+# ----------------------------------------------------------------------------- embed_layernorm
+
+
+def _check_embed_layernorm(ids, tables, weight, ln_bias, eps=1e-12):
+    T, H = ids[0].shape[0], tables[0].shape[1]
+    out = embed_layernorm(*ids, *tables, weight, ln_bias, eps, out=_poison((T, H), tables[0].dtype, weight.device))
+    ref64 = reference.embed_layernorm(*ids, *(t.double() for t in (*tables, weight, ln_bias)), eps)
+    assert_within_rule(out, ref64, reference.embed_layernorm(*ids, *tables, weight, ln_bias, eps))
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,hidden", [(1, 7), (37, 384), (5, 1000)])
+def test_embed_layernorm(device, dtype, id_dtype, tokens, hidden):
+    _runnable(device, dtype)
+    vocab, positions, types = 53, 40, 2
+    ids = [torch.randint(0, n, (tokens,), device=device, dtype=id_dtype) for n in (vocab, positions, types)]
+    ids[0][0] = vocab - 1  # the table's last row
+    word_wide = torch.randn(vocab, hidden + 5, device=device).to(dtype)
+    tables = [word_wide[:, :hidden]] + [torch.randn(n, hidden, device=device).to(dtype) for n in (positions, types)]
+    weight, ln_bias = (torch.randn(hidden, device=device).to(dtype) for _ in range(2))
+    _check_embed_layernorm(ids, tables, weight, ln_bias)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_embed_layernorm_bert_large_cuda(dtype):
+    T, H = 32 * 512, 1024
+    ids = [torch.randint(0, n, (T,), device="cuda") for n in (30522, 512, 2)]
+    tables = [(torch.randn(n, H, device="cuda") * 0.05).to(dtype) for n in (30522, 512, 2)]
+    weight, ln_bias = (torch.randn(H, device="cuda").to(dtype) for _ in range(2))
+    _check_embed_layernorm(ids, tables, weight, ln_bias)

@@ -41,7 +41,7 @@ def _config(**overrides):
 def _pair(model_cls, config, device):
     """(HF model, optimized copy) in eval mode on ``device``."""
     plan = fastbert.backends.plan(torch.device(device), "triton")
-    assert all(plan[op] == "triton" for op in ("attention", "linear_gelu", "add_layernorm")), plan
+    assert all(plan[op] == "triton" for op in ("attention", "linear_gelu", "add_layernorm", "embed_layernorm")), plan
     hf = model_cls(config).eval().to(device)
     fast = fastbert.optimize(copy.deepcopy(hf), backend="triton")
     return hf, fast

@@ -1,9 +1,10 @@
 """Triton kernels: the ``triton`` backend of fastbert's ops (see fastbert.backends).
 
 Each op the backend implements is exposed here under the op's name with the signature of its
-reference in ``fastbert.reference`` (plus an optional ``out=``); ops not exposed
-(``embed_layernorm``, ``pad``, ``unpad``) run on the next backend. One file per kernel family:
-:mod:`.attention`, :mod:`.linear_gelu`, :mod:`.layernorm`.
+reference in ``fastbert.reference`` (plus an optional ``out=``); ops not exposed (``pad``,
+``unpad``: plain gathers, left to PyTorch's indexing) run on the next backend. One
+file per kernel family: :mod:`.attention`, :mod:`.linear_gelu`, :mod:`.layernorm` (add+LN and
+embeddings+LN).
 
 On CUDA the kernels need compute capability 8.0 (Ampere) or newer: bf16 and the ``mma``
 instructions they are built on start there.
@@ -14,12 +15,12 @@ from __future__ import annotations
 import torch
 
 from fastbert.kernels.attention import attention
-from fastbert.kernels.layernorm import add_layernorm
+from fastbert.kernels.layernorm import add_layernorm, embed_layernorm
 from fastbert.kernels.linear_gelu import linear_gelu
 
 MIN_CAPABILITY = (8, 0)
 
-__all__ = ["add_layernorm", "attention", "linear_gelu", "unavailable_reason"]
+__all__ = ["add_layernorm", "attention", "embed_layernorm", "linear_gelu", "unavailable_reason"]
 
 
 def unavailable_reason(device_type: str) -> str | None:
