@@ -20,7 +20,7 @@ import torch
 from fastbert import reference
 from fastbert.kernels import add_layernorm, attention, embed_layernorm, linear_gelu
 from fastbert.kernels.attention import Config as AttentionConfig
-from tests.tolerance import assert_within_rule
+from tolerance import assert_within_rule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
