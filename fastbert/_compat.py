@@ -1,6 +1,7 @@
 """Differences between the torch and Triton versions fastbert runs on, in one place.
 
-Supported ranges: torch 2.5+ and Triton 3.1+ (developed against Triton 3.6 and 3.9).
+Checked with Triton 3.6 (GPU machines) and 3.9 (CPU machines). Ahead-of-time compilation
+relies on the ``ASTSource``/``GPUTarget`` API of Triton 3.2 and later.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ def interpreting() -> bool:
 
 def gpu_target(arch: int):
     """Triton's compile target for CUDA compute capability ``arch`` (80, 90, ...)."""
-    try:
-        from triton.backends.compiler import GPUTarget
-    except ImportError:  # Triton before the backends package
-        from triton.compiler.compiler import GPUTarget
+    from triton.backends.compiler import GPUTarget
+
     return GPUTarget("cuda", arch, 32)
 
 
@@ -36,17 +35,19 @@ def compile_for(kernel, signature: dict[str, str], constexprs: dict, arch: int, 
     integers to treat as multiples of 16, as a launch does when they are; without it loads
     cannot vectorise and register use looks far worse than on a real launch. Triton 3.2+ wants
     constexprs in the signature too, marked "constexpr".
+
+    Not possible under ``TRITON_INTERPRET=1``: Triton's language module is then built for the
+    interpreter. Compile in a process without it.
     """
     import triton
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
 
-    # Under TRITON_INTERPRET=1, @triton.jit made an interpreter function; compile its source.
-    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
-    full = {name: signature.get(name, "constexpr") for name in fn.arg_names}
+    if interpreting():
+        raise RuntimeError("cannot compile for a GPU under TRITON_INTERPRET=1; use a process without it")
+    full = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
     options = {"num_warps": num_warps, "num_stages": num_stages}
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(fn=kernel, signature=full, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=gpu_target(arch), options=options)
 
 
