@@ -230,3 +230,19 @@ def test_embed_layernorm_bert_large_cuda(dtype):
     tables = [(torch.randn(n, H, device="cuda") * 0.05).to(dtype) for n in (30522, 512, 2)]
     weight, ln_bias = (torch.randn(H, device="cuda").to(dtype) for _ in range(2))
     _check_embed_layernorm(ids, tables, weight, ln_bias)
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+def test_unavailable_reason_names_old_gpus(monkeypatch):
+    """GPUs below compute capability 8.0 get a reason (the backend then falls back), never a crash."""
+    import fastbert.kernels as kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (7, 5))
+    reason = kernels.unavailable_reason("cuda")
+    assert reason is not None and "8.0" in reason and "Tesla T4" in reason and "7.5" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    assert kernels.unavailable_reason("cuda") is None
