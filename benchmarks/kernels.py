@@ -8,7 +8,8 @@ round, and each is reported by its median. Each op has a floor: the larger of it
 the peak matmul rate and its minimal bytes over the copy bandwidth. Both ceilings are measured
 in the same run (a large device-to-device copy; a large matmul in the benchmark dtype), and
 every result is given as achieved TFLOP/s or GB/s and as the fraction of the floor it reaches
-(1.0 = at the floor). CPU runs use small sizes.
+(1.0 = at the floor), and on CUDA with the memory one call allocates at its peak beyond its
+inputs (``extra_peak_mb``). CPU runs use small sizes.
 """
 
 from __future__ import annotations
@@ -64,6 +65,18 @@ def _time_once(fn: Callable[[], object], device: str) -> float:
     begin = time.perf_counter()
     fn()
     return time.perf_counter() - begin
+
+
+def extra_peak_bytes(fn: Callable[[], object], device: str) -> int | None:
+    """Bytes one call allocates above what was allocated before it, at its peak (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def time_interleaved(candidates: dict[str, Callable[[], object]], device: str, rounds: int) -> dict[str, float]:
@@ -245,6 +258,9 @@ def run(device: str, dtype: torch.dtype, rounds: int, sweep: bool = False) -> di
                 "op": case.op, "shape": case.shape, "impl": name, "median_ms": seconds * 1e3,
                 "floor_ms": floor_s * 1e3, "fraction_of_floor": floor_s / seconds,
             }
+            peak = extra_peak_bytes(candidates[name], device)
+            if peak is not None:
+                row["extra_peak_mb"] = peak / 2**20
             if case.flops:
                 row["tflop_per_s"] = case.flops / seconds / 1e12
             row["gb_per_s"] = case.bytes / seconds / 1e9
