@@ -1,5 +1,36 @@
 """Triton kernels: the ``triton`` backend of fastbert's ops (see fastbert.backends).
 
 Each op the backend implements is exposed here under the op's name with the signature of its
-reference in ``fastbert.reference``; ops not exposed run on the next backend.
+reference in ``fastbert.reference`` (plus an optional ``out=``); ops not exposed (``pad``,
+``unpad``: plain gathers, left to PyTorch's indexing) run on the next backend. One
+file per kernel family: :mod:`.attention`, :mod:`.linear_gelu`, :mod:`.layernorm` (add+LN and
+embeddings+LN).
+
+On CUDA the kernels need compute capability 8.0 (Ampere) or newer: bf16 and the ``mma``
+instructions they are built on start there.
 """
+
+from __future__ import annotations
+
+import torch
+
+from fastbert.kernels.attention import attention
+from fastbert.kernels.layernorm import add_layernorm, embed_layernorm
+from fastbert.kernels.linear_gelu import linear_gelu
+
+MIN_CAPABILITY = (8, 0)
+
+__all__ = ["add_layernorm", "attention", "embed_layernorm", "linear_gelu", "unavailable_reason"]
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    """Why these kernels cannot run on ``device_type`` tensors here, or None when they can."""
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        capability = torch.cuda.get_device_capability()
+        if capability < MIN_CAPABILITY:
+            name = torch.cuda.get_device_name()
+            return (f"the Triton kernels need compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+, "
+                    f"but {name} is {capability[0]}.{capability[1]}")
+    return None

@@ -1,0 +1,317 @@
+"""Op microbenchmarks: every fastbert op on every backend available here, against PyTorch eager.
+
+    python -m benchmarks.kernels --device cuda --dtype float16 --out results/kernels-fp16.json
+
+For each op the fused implementations (one per backend that runs on the device, found through
+``fastbert.backends.load``) and the PyTorch eager equivalent are timed interleaved, round by
+round, and each is reported by its median. Each op has a floor: the larger of its FLOPs over
+the peak matmul rate and its minimal bytes over the copy bandwidth. Both ceilings are measured
+in the same run (a large device-to-device copy; a large matmul in the benchmark dtype), and
+every result is given as achieved TFLOP/s or GB/s and as the fraction of the floor it reaches
+(1.0 = at the floor), and on CUDA with the memory one call allocates at its peak beyond its
+inputs (``extra_peak_mb``). CPU runs use small sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastbert import backends
+from fastbert.kernels.attention import Config as AttentionConfig
+from fastbert.kernels.linear_gelu import Config as LinearGeluConfig
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# --sweep: launch configurations tried beside the shipped heuristic's choice, so that one GPU run
+# shows which tile shapes to ship. (block_m, block_n[, block_k, group_m], num_warps, num_stages)
+SWEEP = {
+    "attention": [AttentionConfig(128, 64, 8, 3), AttentionConfig(128, 64, 4, 3), AttentionConfig(128, 128, 8, 2),
+                  AttentionConfig(64, 64, 4, 3), AttentionConfig(128, 32, 8, 2), AttentionConfig(64, 32, 4, 2)],
+    "linear_gelu": [LinearGeluConfig(128, 128, 64, 8, 8, 3), LinearGeluConfig(128, 256, 64, 8, 8, 3),
+                    LinearGeluConfig(256, 128, 64, 8, 8, 3), LinearGeluConfig(128, 128, 64, 8, 4, 4),
+                    LinearGeluConfig(64, 256, 64, 8, 4, 4), LinearGeluConfig(128, 64, 64, 8, 4, 4)],
+}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_once(fn: Callable[[], object], device: str) -> float:
+    """Seconds for one call (CUDA events on a GPU, a wall clock on CPU)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def extra_peak_bytes(fn: Callable[[], object], device: str) -> int | None:
+    """Bytes one call allocates above what was allocated before it, at its peak (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], device: str, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each candidate, calls interleaved round by round."""
+    for fn in candidates.values():  # warm-up: compilation, allocator, caches
+        for _ in range(3):
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            samples[name].append(_time_once(fn, device))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+# ----------------------------------------------------------------------------- ceilings
+
+
+def measure_ceilings(device: str, dtype: torch.dtype, rounds: int) -> dict[str, float]:
+    """Copy bandwidth (bytes/s, read + write) and matmul rate (FLOP/s) measured here, now."""
+    copy_bytes = (1 << 30) if device == "cuda" else (64 << 20)
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = time_interleaved({"copy": lambda: dst.copy_(src)}, device, rounds)["copy"]
+    del src, dst
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    mm_s = time_interleaved({"matmul": lambda: torch.mm(a, b)}, device, rounds)["matmul"]
+    return {"copy_bytes_per_s": 2 * copy_bytes / copy_s, "matmul_flop_per_s": 2 * n**3 / mm_s,
+            "copy_bytes": copy_bytes, "matmul_n": n}
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """One op at one shape: the fused call per backend, the eager equivalent, and its cost."""
+
+    op: str
+    shape: str
+    flops: float
+    bytes: float
+    fused: Callable[[Callable], Callable[[], object]]  # implementation -> zero-argument call
+    eager: dict[str, Callable[[], object]] = field(default_factory=dict)
+
+
+def _attention_case(batch, seqlen, heads, head_dim, causal, dtype, device) -> Case:
+    T = batch * seqlen
+    qkv = torch.randn(T, 3, heads, head_dim, device=device).to(dtype)
+    q, k, v = qkv.unbind(1)
+    cu = torch.arange(0, T + 1, seqlen, dtype=torch.int32, device=device)
+    scale = head_dim**-0.5
+    # The eager peer: SDPA on the padded layout (FlashAttention's kernel on a GPU when eligible).
+    qp, kp, vp = (x.reshape(batch, seqlen, heads, head_dim).transpose(1, 2) for x in (q, k, v))
+    pairs = batch * heads * seqlen * seqlen * (0.5 if causal else 1.0)
+    return Case(
+        op="attention",
+        shape=f"B{batch} S{seqlen} N{heads} D{head_dim}{' causal' if causal else ''}",
+        flops=4 * pairs * head_dim,
+        bytes=4 * T * heads * head_dim * q.element_size(),
+        fused=lambda impl: (lambda: impl(q, k, v, cu, seqlen, scale, causal, None)),
+        eager={"torch sdpa": lambda: F.scaled_dot_product_attention(qp, kp, vp, is_causal=causal, scale=scale)},
+    )
+
+
+def _linear_gelu_case(M, K, N, dtype, device) -> Case:
+    x = torch.randn(M, K, device=device).to(dtype)
+    w = (torch.randn(N, K, device=device) / math.sqrt(K)).to(dtype)
+    b = torch.randn(N, device=device).to(dtype)
+    return Case(
+        op="linear_gelu",
+        shape=f"M{M} K{K} N{N}",
+        flops=2 * M * N * K,
+        bytes=(M * K + N * K + M * N) * x.element_size(),
+        fused=lambda impl: (lambda: impl(x, w, b, "none")),
+        # The target is the GEMM alone; GEMM + bias + GELU is what eager code runs.
+        eager={"torch linear+gelu": lambda: F.gelu(F.linear(x, w, b)), "torch gemm alone": lambda: torch.mm(x, w.t())},
+    )
+
+
+def _add_layernorm_case(T, H, dtype, device) -> Case:
+    x, residual = (torch.randn(T, H, device=device).to(dtype) for _ in range(2))
+    bias, weight, ln_bias = (torch.randn(H, device=device).to(dtype) for _ in range(3))
+    return Case(
+        op="add_layernorm",
+        shape=f"T{T} H{H}",
+        flops=0.0,
+        bytes=3 * T * H * x.element_size(),
+        fused=lambda impl: (lambda: impl(x, residual, bias, weight, ln_bias, 1e-12)),
+        eager={"torch add+layer_norm": lambda: F.layer_norm(x + bias + residual, (H,), weight, ln_bias, 1e-12)},
+    )
+
+
+def _embed_layernorm_case(T, H, vocab, dtype, device) -> Case:
+    ids = [torch.randint(0, n, (T,), device=device) for n in (vocab, 512, 2)]
+    tables = [torch.randn(n, H, device=device).to(dtype) for n in (vocab, 512, 2)]
+    weight, ln_bias = (torch.randn(H, device=device).to(dtype) for _ in range(2))
+
+    def eager():
+        h = tables[0][ids[0]] + tables[2][ids[2]] + tables[1][ids[1]]
+        return F.layer_norm(h, (H,), weight, ln_bias, 1e-12)
+
+    return Case(
+        op="embed_layernorm",
+        shape=f"T{T} H{H} V{vocab}",
+        flops=0.0,
+        bytes=(4 * T * H) * tables[0].element_size() + 3 * T * ids[0].element_size(),  # 3 rows read, 1 written
+        fused=lambda impl: (lambda: impl(*ids, *tables, weight, ln_bias, 1e-12)),
+        eager={"torch gather+layer_norm": eager},
+    )
+
+
+def cases(device: str, dtype: torch.dtype) -> list[Case]:
+    if device == "cuda":
+        return [
+            _attention_case(32, 512, 12, 64, False, dtype, device),
+            _attention_case(32, 512, 16, 64, False, dtype, device),
+            _attention_case(32, 512, 12, 64, True, dtype, device),
+            _attention_case(8, 512, 8, 128, False, dtype, device),
+            _linear_gelu_case(32 * 512, 768, 3072, dtype, device),
+            _linear_gelu_case(32 * 512, 1024, 4096, dtype, device),
+            _add_layernorm_case(32 * 512, 768, dtype, device),
+            _add_layernorm_case(32 * 512, 1024, dtype, device),
+            _add_layernorm_case(32 * 512, 4096, dtype, device),
+            _embed_layernorm_case(32 * 512, 1024, 30522, dtype, device),
+        ]
+    return [
+        _attention_case(4, 128, 4, 64, False, dtype, device),
+        _linear_gelu_case(512, 256, 1024, dtype, device),
+        _add_layernorm_case(2048, 768, dtype, device),
+        _embed_layernorm_case(2048, 384, 1000, dtype, device),
+    ]
+
+
+def available_backends(op: str, device: str) -> dict[str, Callable]:
+    """backend name -> implementation of ``op``, for every fused backend that runs on ``device``."""
+    found = {}
+    for name in backends.BACKENDS:
+        if name == "torch":
+            continue  # the reference; the eager peers stand for PyTorch
+        try:
+            module = backends.load(name, device)
+        except backends.BackendUnavailable:
+            continue
+        if hasattr(module, op):
+            found[name] = getattr(module, op)
+    return found
+
+
+def _sweep_candidates(case: Case, impl: Callable) -> dict[str, Callable[[], object]]:
+    """The triton implementation at each sweep configuration that runs here (others are skipped)."""
+    found = {}
+    for cfg in SWEEP.get(case.op, []):
+        call = case.fused(functools.partial(impl, launch=cfg))
+        try:
+            call()
+        except Exception as exc:  # a tile that does not fit this GPU: report and go on
+            print(f"# sweep: {case.op} {cfg} does not run here: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        found[f"fastbert triton {tuple(cfg)}"] = call
+    return found
+
+
+def run(device: str, dtype: torch.dtype, rounds: int, sweep: bool = False) -> dict:
+    ceilings = measure_ceilings(device, dtype, rounds)
+    rows = []
+    for case in cases(device, dtype):
+        floor_s = max(case.flops / ceilings["matmul_flop_per_s"], case.bytes / ceilings["copy_bytes_per_s"])
+        implementations = available_backends(case.op, device)
+        candidates = {f"fastbert {name}": case.fused(impl) for name, impl in implementations.items()}
+        if sweep and "triton" in implementations:
+            candidates.update(_sweep_candidates(case, implementations["triton"]))
+        candidates.update(case.eager)
+        medians = time_interleaved(candidates, device, rounds)
+        for name, seconds in medians.items():
+            row = {
+                "op": case.op, "shape": case.shape, "impl": name, "median_ms": seconds * 1e3,
+                "floor_ms": floor_s * 1e3, "fraction_of_floor": floor_s / seconds,
+            }
+            peak = extra_peak_bytes(candidates[name], device)
+            if peak is not None:
+                row["extra_peak_mb"] = peak / 2**20
+            if case.flops:
+                row["tflop_per_s"] = case.flops / seconds / 1e12
+            row["gb_per_s"] = case.bytes / seconds / 1e9
+            rows.append(row)
+            rate = f"{row['tflop_per_s']:8.3f} TFLOP/s" if case.flops else f"{row['gb_per_s']:8.1f} GB/s   "
+            print(f"{case.op:<14} {case.shape:<26} {name:<44} {row['median_ms']:9.3f} ms {rate} "
+                  f"{row['fraction_of_floor']:6.1%} of floor", flush=True)
+    return {"ceilings": ceilings, "results": rows}
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="default: float16 on cuda, float32 on cpu")
+    parser.add_argument("--rounds", type=int, default=None, help="timed calls per candidate (default 50 cuda, 10 cpu)")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the triton kernels at each launch configuration in SWEEP")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available")
+    dtype = DTYPES[args.dtype or ("float16" if args.device == "cuda" else "float32")]
+    rounds = args.rounds or (50 if args.device == "cuda" else 10)
+    header = {
+        "device": _device_name(args.device), "device_type": args.device, "dtype": str(dtype).removeprefix("torch."),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "triton": _triton_version(), "rounds": rounds,
+    }
+    print(f"# {header['device']} {header['dtype']} torch {header['torch']} triton {header['triton']}", flush=True)
+    with torch.inference_mode():
+        record = {**header, **run(args.device, dtype, rounds, args.sweep)}
+    c = record["ceilings"]
+    print(f"# ceilings: copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul {c['matmul_flop_per_s'] / 1e12:.2f} TFLOP/s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+    return record
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+if __name__ == "__main__":
+    main()

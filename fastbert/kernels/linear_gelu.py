@@ -1,0 +1,153 @@
+"""GELU(x Wᵀ + b): the FFN up-projection with its bias and activation fused into the GEMM.
+
+A tiled matrix multiply: each program owns a ``BLOCK_M x BLOCK_N`` tile of the output, walks K
+in ``BLOCK_K`` steps with ``tl.dot`` accumulating in fp32, then adds the bias, applies GELU in
+fp32 and stores once in the input dtype. Output tiles are visited in groups of ``GROUP_M``
+rows so that consecutive programs reuse the same weight columns from L2.
+
+``W`` is an ``nn.Linear`` weight ``[F, K]``; it is read transposed through its strides, never
+copied. Triton lowers the fp16/bf16 ``tl.dot`` to ``wgmma`` on Hopper (sm_90) and ``mma`` on
+Ampere (sm_80). fp32 inputs are multiplied at full fp32 precision (``input_precision="ieee"``)
+rather than TF32, which is slower but keeps parity with PyTorch's fp32 ``F.linear``.
+
+GELU is exact (erf) by default; ``approximate="tanh"`` is HF's ``gelu_new`` /
+``gelu_pytorch_tanh``, written as ``x * sigmoid(2u)`` (= ``0.5 x (1 + tanh u)``) through
+``exp2``, so it needs no libdevice ``tanh``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbert import _compat
+from fastbert.reference import GELU_APPROXIMATIONS
+
+_SQRT1_2 = tl.constexpr(math.sqrt(0.5))
+# tanh-GELU: x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3); sigmoid through exp2.
+_TANH_SCALE = tl.constexpr(-2.0 * math.sqrt(2.0 / math.pi) * math.log2(math.e))
+
+
+@triton.jit
+def _linear_gelu(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_wn, stride_ym,
+    APPROX_TANH: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # Rows and columns past the edge are wrapped rather than masked in the K loop: they read
+    # valid memory, their results are never stored, and the loads stay unconditional.
+    x_ptrs = x_ptr + (rows % M).to(tl.int64)[:, None] * stride_xm + ks[None, :]
+    w_ptrs = w_ptr + (cols % N).to(tl.int64)[None, :] * stride_wn + ks[:, None]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=(k + ks)[None, :] < K, other=0.0)
+            b = tl.load(w_ptrs, mask=(k + ks)[:, None] < K, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    y = acc + tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if APPROX_TANH:
+        y = y / (1.0 + tl.exp2((y + 0.044715 * y * y * y) * _TANH_SCALE))
+    else:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * _SQRT1_2))
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+class Config(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def config(M: int, dtype: torch.dtype, interpreting: bool = False) -> Config:
+    """The launch configuration (a heuristic; no autotuning, so no retuning per shape).
+
+    Under the interpreter the tiles are small so that tiny test shapes still span several
+    tiles and K steps.
+    """
+    if interpreting:
+        return Config(16, 32, 16, 2, 1, 1)
+    if dtype == torch.float32:
+        return Config(64, 64, 32, 8, 4, 2)
+    if M <= 64:
+        return Config(64, 128, 64, 8, 4, 4)
+    return Config(128, 128, 64, 8, 8, 3)
+
+
+def shipped_configs() -> list[tuple[torch.dtype, Config]]:
+    """(dtype, config) for every configuration the launcher uses on a GPU."""
+    return [(dt, config(M, dt)) for dt in (torch.float16, torch.bfloat16) for M in (64, 4096)] + [
+        (torch.float32, config(4096, torch.float32))
+    ]
+
+
+def linear_gelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    approximate: str,
+    out: torch.Tensor | None = None,
+    launch: Config | None = None,
+) -> torch.Tensor:
+    """GELU(x Wᵀ + b); see :func:`fastbert.reference.linear_gelu`.
+
+    ``x`` is ``[..., K]``; ``out`` (optional, ``[..., F]`` with contiguous rows) receives the
+    result; ``launch`` overrides the configuration :func:`config` picks.
+    """
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+    *lead, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K or bias.shape != (N,):
+        raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not match")
+    M = math.prod(lead)
+    x2 = x.reshape(M, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    bias = bias.contiguous()
+    if out is None:
+        out = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
+    y2 = out.view(M, N)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:  # x Wᵀ is all zeros
+        y2.copy_(torch.nn.functional.gelu(bias.float(), approximate=approximate).expand_as(y2))
+        return out
+    cfg = launch or config(M, x.dtype, _compat.interpreting())
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    _linear_gelu[grid](
+        x2, weight, bias, y2, M, N, K, x2.stride(0), weight.stride(0), y2.stride(0),
+        APPROX_TANH=approximate == "tanh", EVEN_K=K % cfg.block_k == 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
