@@ -31,6 +31,8 @@ from typing import Iterator
 
 import torch
 
+from fastbert import _compat
+
 BACKENDS = ("triton", "cuda", "cpp", "torch")
 OPS = ("attention", "linear_gelu", "add_layernorm", "embed_layernorm", "unpad", "pad")
 DEVICE_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
@@ -58,14 +60,10 @@ def _check_name(backend: str) -> None:
         raise ValueError(f"unknown fastbert backend {backend!r}; choose one of {BACKENDS}")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def load(backend: str, device_type: str):
     """The module implementing ``backend`` on ``device_type``; raises BackendUnavailable."""
     _check_name(backend)
-    if backend == "triton" and device_type == "cpu" and not _interpreting():
+    if backend == "triton" and device_type == "cpu" and not _compat.interpreting():
         raise BackendUnavailable("triton runs on CPU tensors only under TRITON_INTERPRET=1")
     if backend == "cuda" and device_type != "cuda":
         raise BackendUnavailable("the cuda backend needs CUDA tensors")
