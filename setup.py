@@ -90,8 +90,9 @@ def _extensions() -> tuple[list, dict]:
         and os.environ.get("FASTBERT_NO_CUDA", "0") != "1"
     )
     if with_cuda:
-        sources += sorted(str(p.relative_to(HERE)) for p in (HERE / CSRC / "cuda").glob("*.c*"))
-        nvcc = ["-O3", "--use_fast_math", "-DFASTBERT_WITH_CUDA", *_gencode_flags()]
+        cuda_dir = HERE / CSRC / "cuda"
+        sources += sorted(str(p.relative_to(HERE)) for p in [*cuda_dir.glob("*.cu"), *cuda_dir.glob("*.cpp")])
+        nvcc = ["-O3", "-DFASTBERT_WITH_CUDA", *_gencode_flags()]
         ext = cpp_extension.CUDAExtension(
             "fastbert._C", sources, extra_compile_args={"cxx": [*cxx, "-DFASTBERT_WITH_CUDA"], "nvcc": nvcc}
         )
