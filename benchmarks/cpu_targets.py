@@ -19,17 +19,21 @@ import torch
 import torch.nn.functional as F
 
 
-def _interleaved(contenders: dict, repeats: int, inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each contender, the contenders taking turns."""
+def _interleaved(contenders: dict, repeats: int, setup=None) -> dict[str, float]:
+    """Median seconds per call of each contender, the contenders taking turns.
+
+    ``setup`` (untimed) runs before every call: in-place kernels get fresh inputs each time.
+    """
     times = {name: [] for name in contenders}
     for fn in contenders.values():  # warm-up
         fn()
     for _ in range(repeats):
         for name, fn in contenders.items():
+            if setup is not None:
+                setup()
             start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - start) / inner)
+            fn()
+            times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -49,16 +53,19 @@ def ops(repeats: int) -> None:
         medians = _interleaved({
             "eager": lambda: F.layer_norm(x + r, (H,), w, b, 1e-12),
             "ext": lambda: extension.add_layernorm(x, r, None, w, b, 1e-12),
-        }, repeats, inner=20)
+        }, repeats)
         _report(f"add+LayerNorm T={tokens} H={H}", medians, "eager")
 
         Fdim = 3072
-        y, bias = torch.randn(tokens, Fdim), torch.randn(Fdim)
+        fresh, bias = torch.randn(tokens, Fdim), torch.randn(Fdim)
+        y = fresh.clone()
         for approximate in ("none", "tanh"):
+            # ext works in place on the GEMM output (as linear_gelu uses it): y is restored
+            # before each call, or repeated GELUs would drive it into slow denormals.
             medians = _interleaved({
                 "eager": lambda: F.gelu(y + bias, approximate=approximate),
                 "ext": lambda: torch.ops.fastbert.ext_bias_gelu_(y, bias, approximate),
-            }, repeats, inner=10)
+            }, repeats, setup=lambda: y.copy_(fresh))
             _report(f"bias+GELU({approximate}) T={tokens} F={Fdim}", medians, "eager")
 
 
@@ -98,9 +105,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", action="store_true")
     parser.add_argument("--model", action="store_true")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
