@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from fastbert import _C
+try:
+    from fastbert import _C
+except ImportError as exc:
+    raise ImportError(
+        f"fastbert._C is not built ({exc}); build it with `pip install --no-build-isolation -e .` "
+        "or `python setup.py build_ext --inplace`"
+    ) from exc
 
 _ops = torch.ops.fastbert
 

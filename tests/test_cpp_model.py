@@ -6,6 +6,7 @@ valid tokens. Needs ``fastbert._C`` built; skipped only when FASTBERT_SKIP_EXT=1
 
 import copy
 import os
+import sys
 import warnings
 
 import pytest
@@ -16,12 +17,15 @@ from fastbert import backends
 
 transformers = pytest.importorskip("transformers")
 
-if os.environ.get("FASTBERT_SKIP_EXT") == "1":
-    pytest.skip("FASTBERT_SKIP_EXT=1: fastbert._C not built", allow_module_level=True)
-
-import fastbert.extension  # noqa: E402, F401  (an ImportError here means the extension is not built)
-
 TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _extension():
+    """The extension must be built (an ImportError fails the test), unless FASTBERT_SKIP_EXT=1."""
+    if os.environ.get("FASTBERT_SKIP_EXT") == "1":
+        pytest.skip("FASTBERT_SKIP_EXT=1: fastbert._C not built")
+    import fastbert.extension  # noqa: F401
 
 
 def _small_config(**overrides):
@@ -93,4 +97,25 @@ def test_all_minilm_checkpoint_matches_hf():
     with torch.no_grad():
         expected = hf(ids, attention_mask=mask).last_hidden_state
         got = ours(ids, attention_mask=mask).last_hidden_state
+    assert (got - expected)[mask.bool()].abs().max() <= TOLERANCE
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastbert._C", None)  # import of fastbert._C now fails
+    monkeypatch.delattr(fastbert, "_C", raising=False)
+    monkeypatch.delitem(sys.modules, "fastbert.extension", raising=False)
+    for name in ("_plan_cache", "_impl_cache", "_warned"):  # forget the extension was loaded
+        monkeypatch.setattr(backends, name, type(getattr(backends, name))())
+    config = _small_config()
+    hf = transformers.BertModel(config).eval()
+    ours = fastbert.optimize(copy.deepcopy(hf))
+    ids, mask = _batch([9, 3], config.vocab_size)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = ours(ids, attention_mask=mask).last_hidden_state
+        ours(ids, attention_mask=mask)
+    messages = [str(w.message) for w in caught if "fastbert" in str(w.message)]
+    assert len(messages) == 1 and "fastbert._C is not built" in messages[0], messages
+    assert backends.plan(torch.device("cpu")) == {op: "torch" for op in backends.OPS}
+    expected = hf(ids, attention_mask=mask).last_hidden_state
     assert (got - expected)[mask.bool()].abs().max() <= TOLERANCE
