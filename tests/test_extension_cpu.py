@@ -88,10 +88,12 @@ def test_attention(lengths, head_dim, causal, dtype):
     _check(extension.attention(*args), reference.attention, *args)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias_shape", [(3, 1, 70, 70), (1, 2, 70, 70), (70, 70)])
-def test_attention_additive_bias(bias_shape):
-    # The padded path: every sequence has max_seqlen tokens, the mask is an additive bias.
-    q, k, v, cu = _packed([70, 70, 70], 2, 64, torch.float32)
+def test_attention_additive_bias(bias_shape, dtype):
+    # The padded path: every sequence has max_seqlen tokens, the mask is an additive bias
+    # (fp32 whatever the model's dtype, as a user's float mask may be).
+    q, k, v, cu = _packed([70, 70, 70], 2, 64, dtype)
     bias = torch.randn(bias_shape)
     bias[..., 5, :] = float("-inf")  # a query row with every key masked gives zeros
     bias[..., 6, 10:] = float("-inf")

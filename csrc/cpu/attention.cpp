@@ -40,8 +40,8 @@ struct Strides {
   int64_t token, head;
 };
 
-struct BiasView {  // additive bias [B, N, S, S] by strides (0 where broadcast)
-  const void* data = nullptr;
+struct BiasView {  // additive fp32 bias [B, N, S, S] by strides (0 where broadcast)
+  const float* data = nullptr;
   int64_t b = 0, n = 0, q = 0, k = 0;
 };
 
@@ -138,7 +138,7 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.f);
   const int64_t key_end = p.causal ? std::min(len, q0 + rows) : len;
-  const T* bias = static_cast<const T*>(p.bias.data);
+  const float* bias = p.bias.data;
 
   for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
     const int64_t keys = std::min(kBlockK, key_end - k0);
@@ -153,8 +153,8 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
         continue;
       }
       if (bias) {
-        const T* br = bias + b * p.bias.b + h * p.bias.n + (q0 + i) * p.bias.q + k0 * p.bias.k;
-        for (int64_t j = 0; j < keys; ++j) s[j] += static_cast<float>(br[j * p.bias.k]);
+        const float* br = bias + b * p.bias.b + h * p.bias.n + (q0 + i) * p.bias.q + k0 * p.bias.k;
+        for (int64_t j = 0; j < keys; ++j) s[j] += br[j * p.bias.k];
       }
       // Keys past the block end and, if causal, after this query are masked out.
       const int64_t visible = p.causal ? std::min(keys, q0 + i - k0 + 1) : keys;
@@ -264,16 +264,16 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   BiasView bias_view;
   at::Tensor bias;
   if (bias_in) {
-    TORCH_CHECK(bias_in->scalar_type() == q.scalar_type(), "fastbert: attention bias has dtype ",
-                bias_in->scalar_type(), " but q has ", q.scalar_type());
+    TORCH_CHECK(bias_in->is_floating_point(), "fastbert: attention bias must be floating point, got ",
+                bias_in->scalar_type());
     TORCH_CHECK(bias_in->dim() <= 4, "fastbert: attention bias must broadcast to [batch, heads, ",
                 "seq, seq], got ", bias_in->sizes());
-    bias = *bias_in;
+    bias = bias_in->to(at::kFloat);  // scores are fp32; converted before any broadcast
     while (bias.dim() < 4) bias = bias.unsqueeze(0);
     bias = bias.expand({B, N, bias.size(2), bias.size(3)});  // raises if it does not broadcast
     TORCH_CHECK(bias.size(2) >= longest && bias.size(3) >= longest, "fastbert: attention bias ",
                 bias_in->sizes(), " is smaller than the longest sequence, ", longest);
-    bias_view = {bias.const_data_ptr(), bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3)};
+    bias_view = {bias.const_data_ptr<float>(), bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3)};
   }
   dispatch_float(q.scalar_type(), "attention", [&](auto tag) {
     using T = decltype(tag);
