@@ -84,6 +84,12 @@ def _extensions() -> tuple[list, dict]:
     sources = sorted(str(p.relative_to(HERE)) for p in (HERE / CSRC / "cpu").glob("*.cpp"))
     sources.append(f"{CSRC}/registration.cpp")
     cxx = ["-O3", *CPU_ISAS[isa], f'-DFASTBERT_CPU_ISA="{isa}"']
+    link = []
+    if platform.system() == "Linux":
+        # at::parallel_for is inline: without OpenMP here it runs serially. The library this
+        # links (libgomp.so.1) resolves to the one torch has already loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     with_cuda = (
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None
@@ -94,12 +100,13 @@ def _extensions() -> tuple[list, dict]:
         sources += sorted(str(p.relative_to(HERE)) for p in [*cuda_dir.glob("*.cu"), *cuda_dir.glob("*.cpp")])
         nvcc = ["-O3", "-DFASTBERT_WITH_CUDA", *_gencode_flags()]
         ext = cpp_extension.CUDAExtension(
-            "fastbert._C", sources, extra_compile_args={"cxx": [*cxx, "-DFASTBERT_WITH_CUDA"], "nvcc": nvcc}
+            "fastbert._C", sources, extra_compile_args={"cxx": [*cxx, "-DFASTBERT_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
         )
         _log(f"building fastbert._C with CPU ({isa}) and CUDA kernels ({' '.join(_gencode_flags())})")
     else:
         why = "torch has no CUDA" if torch.version.cuda is None else "nvcc not found or FASTBERT_NO_CUDA=1"
-        ext = cpp_extension.CppExtension("fastbert._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("fastbert._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
         _log(f"building fastbert._C with CPU kernels ({isa}) only: {why}")
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 

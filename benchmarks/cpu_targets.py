@@ -79,21 +79,28 @@ def model(repeats: int, batch: int = 4) -> None:
     ours = fastbert.optimize(copy.deepcopy(hf), backend="cpp")
     generator = torch.Generator().manual_seed(0)
 
-    def batch_of(lengths: list[int]) -> dict[str, torch.Tensor]:
-        seqlen = max(lengths)  # padded to the longest, as a tokenizer with padding=True does
+    def batch_of(lengths: list[int], seqlen: int | None = None) -> dict[str, torch.Tensor]:
+        seqlen = seqlen or max(lengths)
         ids = torch.randint(1000, config.vocab_size, (batch, seqlen), generator=generator)
         mask = (torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]).long()
         return {"input_ids": ids, "attention_mask": mask}
 
-    varlen = [batch_of(torch.randint(16, 129, (batch,), generator=generator).tolist()) for _ in range(repeats)]
-    full = batch_of([128] * batch)
+    lengths = [torch.randint(16, 129, (batch,), generator=generator).tolist() for _ in range(repeats)]
+    workloads = {
+        # padding=True: each batch padded to its longest sequence
+        "varlen [16,128] padded to longest": [batch_of(n) for n in lengths],
+        # padding="max_length": every batch padded to 128
+        "varlen [16,128] padded to 128": [batch_of(n, 128) for n in lengths],
+        "full 128": [batch_of([128] * batch)] * repeats,
+    }
+    models = {"hf_sdpa": hf, "fastbert_cpp": ours}
     with torch.inference_mode():
-        for title, inputs in (("varlen [16,128]", varlen), ("full 128", [full] * repeats)):
-            times = {"hf_sdpa": [], "fastbert_cpp": []}
-            for name, m in (("hf_sdpa", hf), ("fastbert_cpp", ours)):
+        for title, inputs in workloads.items():
+            times = {name: [] for name in models}
+            for m in models.values():
                 m(**inputs[0])  # warm-up
             for item in inputs:
-                for name, m in (("hf_sdpa", hf), ("fastbert_cpp", ours)):
+                for name, m in models.items():
                     start = time.perf_counter()
                     m(**item)
                     times[name].append(time.perf_counter() - start)

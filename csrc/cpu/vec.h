@@ -12,7 +12,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
-#include <functional>
 #include <type_traits>
 
 namespace fastbert::cpu {
