@@ -1,6 +1,7 @@
 """The extension's CPU kernels (the ``cpp`` backend) against the references, by the accuracy rule.
 
-Needs ``fastbert._C`` built (``python setup.py build_ext --inplace``); the module is skipped only
+Ops that also have a CUDA kernel (all but attention) run the same tests on CUDA where a GPU is
+present (the ``device`` fixture); there a build without CUDA fails rather than skips. Needs ``fastbert._C`` built (``python setup.py build_ext --inplace``); the module is skipped only
 when the build was switched off with FASTBERT_SKIP_EXT=1, so a failed build shows as an error.
 """
 
@@ -22,6 +23,14 @@ HIDDEN = [384, 768, 1024, 1000]
 TOKENS = [1, 7, 129]
 
 
+@pytest.fixture
+def kernel_device(device):
+    """``device`` (conftest: cpu, and cuda where present), failing when the build lacks CUDA."""
+    if device == "cuda" and not extension.WITH_CUDA:
+        pytest.fail("torch has CUDA but fastbert._C was built without it (see setup.py)")
+    return device
+
+
 def _check(ours, fn, *args):
     """Rule check of ``ours`` against ``fn`` in float64 (ref) and in ``ours``' dtype (peer)."""
     ref64 = fn(*(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
@@ -33,17 +42,19 @@ def _check(ours, fn, *args):
 @pytest.mark.parametrize("hidden", HIDDEN)
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_add_layernorm(tokens, hidden, dtype, with_bias):
-    x, residual = torch.randn(tokens, hidden, dtype=dtype), torch.randn(tokens, hidden, dtype=dtype) * 3
-    bias = torch.randn(hidden, dtype=dtype) if with_bias else None
-    weight, ln_bias = torch.randn(hidden, dtype=dtype), torch.randn(hidden, dtype=dtype)
+def test_add_layernorm(tokens, hidden, dtype, with_bias, kernel_device):
+    new = dict(dtype=dtype, device=kernel_device)
+    x, residual = torch.randn(tokens, hidden, **new), torch.randn(tokens, hidden, **new) * 3
+    bias = torch.randn(hidden, **new) if with_bias else None
+    weight, ln_bias = torch.randn(hidden, **new), torch.randn(hidden, **new)
     args = (x, residual, bias, weight, ln_bias, 1e-12)
     _check(extension.add_layernorm(*args), reference.add_layernorm, *args)
 
 
-def test_add_layernorm_strided_input():
-    x = torch.randn(768, 129).t()  # non-contiguous [129, 768]
-    residual, weight, ln_bias = torch.randn(129, 768), torch.randn(768), torch.randn(768)
+def test_add_layernorm_strided_input(kernel_device):
+    x = torch.randn(768, 129, device=kernel_device).t()  # non-contiguous [129, 768]
+    residual = torch.randn(129, 768, device=kernel_device)
+    weight, ln_bias = torch.randn(768, device=kernel_device), torch.randn(768, device=kernel_device)
     args = (x, residual, None, weight, ln_bias, 1e-5)
     _check(extension.add_layernorm(*args), reference.add_layernorm, *args)
 
@@ -52,19 +63,20 @@ def test_add_layernorm_strided_input():
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("hidden,ffn", [(384, 1536), (1000, 1000), (768, 3072)])
-def test_linear_gelu(tokens, hidden, ffn, approximate, dtype):
-    x = torch.randn(tokens, hidden, dtype=dtype)
-    weight = torch.randn(ffn, hidden, dtype=dtype) / hidden**0.5
-    bias = torch.randn(ffn, dtype=dtype)
+def test_linear_gelu(tokens, hidden, ffn, approximate, dtype, kernel_device):
+    new = dict(dtype=dtype, device=kernel_device)
+    x = torch.randn(tokens, hidden, **new)
+    weight = torch.randn(ffn, hidden, **new) / hidden**0.5
+    bias = torch.randn(ffn, **new)
     args = (x, weight, bias, approximate)
     _check(extension.linear_gelu(*args), reference.linear_gelu, *args)
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_bias_gelu_in_place_over_the_whole_range(approximate):
+def test_bias_gelu_in_place_over_the_whole_range(approximate, kernel_device):
     # Large |x| included: the tanh form must neither overflow nor give NaN there.
-    y = torch.linspace(-30, 30, 7 * 1000).view(7, 1000)
-    bias = torch.randn(1000)
+    y = torch.linspace(-30, 30, 7 * 1000, device=kernel_device).view(7, 1000)
+    bias = torch.randn(1000, device=kernel_device)
     expected = reference.gelu((y + bias).double(), approximate)
     peer = reference.gelu(y + bias, approximate)
     torch.ops.fastbert.ext_bias_gelu_(y, bias, approximate)
@@ -113,10 +125,11 @@ def test_attention_rejects_a_sequence_longer_than_max_seqlen():
 @pytest.mark.parametrize("hidden", [384, 1000])
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
-def test_embed_layernorm(tokens, hidden, dtype, id_dtype):
-    tables = [torch.randn(n, hidden, dtype=dtype) for n in (50, 130, 2)]
-    ids = [torch.randint(0, t.shape[0], (tokens,), dtype=id_dtype) for t in tables]
-    weight, ln_bias = torch.randn(hidden, dtype=dtype), torch.randn(hidden, dtype=dtype)
+def test_embed_layernorm(tokens, hidden, dtype, id_dtype, kernel_device):
+    new = dict(dtype=dtype, device=kernel_device)
+    tables = [torch.randn(n, hidden, **new) for n in (50, 130, 2)]
+    ids = [torch.randint(0, t.shape[0], (tokens,), dtype=id_dtype, device=kernel_device) for t in tables]
+    weight, ln_bias = torch.randn(hidden, **new), torch.randn(hidden, **new)
     args = (ids[0], ids[1], ids[2], *tables, weight, ln_bias, 1e-12)
     _check(extension.embed_layernorm(*args), reference.embed_layernorm, *args)
 
@@ -131,12 +144,12 @@ def test_embed_layernorm_rejects_out_of_range_ids():
 
 @pytest.mark.parametrize("trailing", [(), (1000,), (3, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
-def test_unpad_and_pad(trailing, dtype):
-    lengths = torch.tensor([7, 0, 129, 1])
+def test_unpad_and_pad(trailing, dtype, kernel_device):
+    lengths = torch.tensor([7, 0, 129, 1], device=kernel_device)
     batch, seqlen = len(lengths), 130
-    valid = torch.arange(seqlen)[None, :] < lengths[:, None]
+    valid = torch.arange(seqlen, device=kernel_device)[None, :] < lengths[:, None]
     indices = valid.flatten().nonzero().flatten()
-    x = (torch.randn(batch, seqlen, *trailing) * 100).to(dtype)
+    x = (torch.randn(batch, seqlen, *trailing, device=kernel_device) * 100).to(dtype)
     packed = extension.unpad(x, indices)
     assert torch.equal(packed, reference.unpad(x, indices))
     padded = extension.pad(packed, indices, batch, seqlen)

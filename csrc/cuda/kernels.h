@@ -3,6 +3,8 @@
 //
 // Every launcher computes in fp32 and reads/writes `dtype` data; pointers are device pointers
 // to contiguous row-major arrays. Launch errors are reported by the caller (cudaGetLastError).
+// Ids and indices are not range-checked on the GPU (that would cost a sync): callers check them
+// (fastbert's encoder validates ids before the forward; the CPU kernels check their own).
 #pragma once
 
 #include <cuda_runtime.h>
