@@ -12,8 +12,10 @@ Environment variables:
 - ``FASTBERT_SKIP_EXT=1``: do not build the extension.
 - ``FASTBERT_CPU_ISA``: instruction set of the CPU kernels (at::vec width): ``avx512``,
   ``avx2`` or ``default`` (portable, narrow). Unset: the best one the build machine supports.
-  The extension refuses to load on a CPU without that instruction set.
-- ``FASTBERT_CUDA_ARCH``: CUDA compute capabilities, ``;``-separated (default ``8.0;9.0``).
+  On a CPU without that instruction set the ``cpp`` backend reports itself unavailable (one
+  warning, fallback to ``torch``).
+- ``FASTBERT_CUDA_ARCH``: CUDA compute capabilities, ``;``-separated (default ``8.0;9.0``);
+  the last one also ships as PTX, so newer GPUs can JIT-compile it.
 - ``FASTBERT_NO_CUDA=1``: CPU kernels only, even where CUDA is available.
 - ``MAX_JOBS``: parallel compile jobs (read by PyTorch's ninja build; default: all cores).
 """
@@ -60,11 +62,11 @@ def _cpu_isa() -> str:
 
 
 def _gencode_flags() -> list[str]:
-    flags = []
-    for arch in os.environ.get("FASTBERT_CUDA_ARCH", "8.0;9.0").replace(",", ";").split(";"):
-        if arch.strip():
-            cc = arch.strip().replace(".", "")
-            flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+    archs = [a.strip().replace(".", "") for a in os.environ.get("FASTBERT_CUDA_ARCH", "8.0;9.0").replace(",", ";").split(";")]
+    archs = [a for a in archs if a]
+    flags = [f"-gencode=arch=compute_{cc},code=sm_{cc}" for cc in archs]
+    if archs:
+        flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
     return flags
 
 
