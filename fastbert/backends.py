@@ -13,6 +13,9 @@ cpp       CPU tensors                 ``fastbert.extension`` (the compiled ``fas
 torch     anything                    ``fastbert.reference`` (plain PyTorch)
 ========  ==========================  ==============================================
 
+A module may also define ``implements(op, device_type) -> bool`` when the ops it has depend on
+the device (the extension has no CUDA attention kernel, for one).
+
 Choosing: an explicit ``backend=`` argument wins, then the :func:`use_backend` context, then
 the ``FASTBERT_BACKEND`` environment variable, then the device default (CUDA: triton, cuda,
 torch; CPU: cpp, torch). The chosen backend runs every op it implements; an op it does not
@@ -109,6 +112,11 @@ def _warn_once(backend: str, reason: str) -> None:
         warnings.warn(f"fastbert: backend {backend!r} unavailable, falling back: {reason}", stacklevel=3)
 
 
+def _implements(module, op: str, device_type: str) -> bool:
+    check = getattr(module, "implements", None)
+    return hasattr(module, op) and (check is None or check(op, device_type))
+
+
 # Dynamo calls this eagerly and bakes the result into the graph: a plan depends only on
 # machine state (installed backends, environment), never on tensor values.
 @torch._dynamo.assume_constant_result
@@ -131,7 +139,7 @@ def plan(device: torch.device, backend: str | None = None) -> dict[str, str]:
         modules["torch"] = load("torch", device.type)
     result = {}
     for op in OPS:
-        result[op] = next(name for name, module in modules.items() if hasattr(module, op))
+        result[op] = next(name for name, module in modules.items() if _implements(module, op, device.type))
     _plan_cache[key] = result
     return result
 

@@ -1,0 +1,155 @@
+// add+LayerNorm and embeddings+LayerNorm on CPU.
+//
+// One pass per row over the inputs: the pre-norm row h is summed into an fp32 scratch row that
+// stays in L1, its variance is taken from there (two-pass, so no cancellation), and the output
+// is written once. Rows are split across threads with at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "ops.h"
+#include "vec.h"
+
+namespace fastbert::cpu {
+namespace {
+
+// out = (h - mean) * rstd * gamma + beta for one row, given h in fp32 and sum(h).
+template <typename T>
+inline void normalize_row(const float* h, float h_sum, const T* gamma, const T* beta, T* out,
+                          int64_t H, float eps) {
+  const Vec mean(h_sum / H);
+  Vec sq(0.f);
+  for_each_vec(H, [&](int64_t j, int64_t n) {
+    Vec d = head(Vec::loadu(h + j, n) - mean, n);
+    sq = at::vec::fmadd(d, d, sq);
+  });
+  const Vec rstd(1.f / std::sqrt(sum(sq) / H + eps));
+  for_each_vec(H, [&](int64_t j, int64_t n) {
+    Vec y = (Vec::loadu(h + j, n) - mean) * rstd;
+    store(at::vec::fmadd(y, load(gamma + j, n), load(beta + j, n)), out + j, n);
+  });
+}
+
+int64_t row_grain(int64_t H) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / (4 * H)); }
+
+void check_vector(const at::Tensor& t, const at::Tensor& like, int64_t H, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == H, "fastbert: ", name, " must have shape [", H,
+              "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastbert: ", name, " has dtype ",
+              t.scalar_type(), " but the input has ", like.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor add_layernorm(const at::Tensor& x, const at::Tensor& residual,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& weight,
+                         const at::Tensor& ln_bias, double eps) {
+  TORCH_CHECK(x.dim() >= 1 && x.sizes() == residual.sizes(),
+              "fastbert: add_layernorm needs x and residual of one shape, got ", x.sizes(),
+              " and ", residual.sizes());
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type(), "fastbert: residual has dtype ",
+              residual.scalar_type(), " but x has ", x.scalar_type());
+  const int64_t H = x.size(-1);
+  check_vector(weight, x, H, "weight");
+  check_vector(ln_bias, x, H, "ln_bias");
+  if (bias) check_vector(*bias, x, H, "bias");
+  auto xc = x.contiguous(), rc = residual.contiguous();
+  auto wc = weight.contiguous(), bc = ln_bias.contiguous();
+  auto pre = bias ? bias->contiguous() : at::Tensor();
+  auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t rows = H ? x.numel() / H : 0;
+  if (rows == 0) return out;
+  dispatch_float(x.scalar_type(), "add_layernorm", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* rp = rc.const_data_ptr<scalar_t>();
+    const scalar_t* pp = pre.defined() ? pre.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gp = wc.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(H), [&](int64_t begin, int64_t end) {
+      std::vector<float> h(H);
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* xr = xp + row * H;
+        const scalar_t* rr = rp + row * H;
+        Vec acc(0.f);
+        for_each_vec(H, [&](int64_t j, int64_t n) {
+          Vec s = load(xr + j, n) + load(rr + j, n);
+          if (pp) s = s + load(pp + j, n);
+          s.store(h.data() + j, n);
+          acc = acc + s;  // lanes past n are zero: loads fill them so
+        });
+        normalize_row(h.data(), sum(acc), gp, bp, op + row * H, H, static_cast<float>(eps));
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor embed_layernorm(const at::Tensor& input_ids, const at::Tensor& position_ids,
+                           const at::Tensor& token_type_ids, const at::Tensor& word_embeddings,
+                           const at::Tensor& position_embeddings,
+                           const at::Tensor& token_type_embeddings, const at::Tensor& weight,
+                           const at::Tensor& ln_bias, double eps) {
+  const auto& words = word_embeddings;
+  TORCH_CHECK(words.dim() == 2, "fastbert: word_embeddings must be 2D, got ", words.sizes());
+  const int64_t H = words.size(1);
+  const int64_t T = input_ids.numel();
+  for (const auto* t : {&input_ids, &position_ids, &token_type_ids}) {
+    TORCH_CHECK(t->dim() == 1 && t->numel() == T, "fastbert: embed_layernorm needs ids of shape [",
+                T, "], got ", t->sizes());
+  }
+  for (const auto* t : {&position_embeddings, &token_type_embeddings}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(1) == H && t->scalar_type() == words.scalar_type(),
+                "fastbert: embedding tables must be [n, ", H, "] ", words.scalar_type(), ", got ",
+                t->sizes(), " ", t->scalar_type());
+  }
+  check_vector(weight, words, H, "weight");
+  check_vector(ln_bias, words, H, "ln_bias");
+  auto ids = input_ids.to(at::kLong).contiguous();
+  auto pos = position_ids.to(at::kLong).contiguous();
+  auto tts = token_type_ids.to(at::kLong).contiguous();
+  auto wc = words.contiguous(), pc = position_embeddings.contiguous();
+  auto tc = token_type_embeddings.contiguous();
+  auto gc = weight.contiguous(), bc = ln_bias.contiguous();
+  auto out = at::empty({T, H}, words.options());
+  if (T == 0 || H == 0) return out;
+  const int64_t* ip = ids.const_data_ptr<int64_t>();
+  const int64_t* pp = pos.const_data_ptr<int64_t>();
+  const int64_t* tp = tts.const_data_ptr<int64_t>();
+  const int64_t nw = wc.size(0), np = pc.size(0), nt = tc.size(0);
+  for (int64_t i = 0; i < T; ++i) {
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < nw, "fastbert: input id ", ip[i], " is outside [0, ", nw, ")");
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < np, "fastbert: position id ", pp[i], " is outside [0, ", np, ")");
+    TORCH_CHECK(tp[i] >= 0 && tp[i] < nt, "fastbert: token type id ", tp[i], " is outside [0, ", nt, ")");
+  }
+  dispatch_float(words.scalar_type(), "embed_layernorm", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
+    const scalar_t* pe = pc.const_data_ptr<scalar_t>();
+    const scalar_t* te = tc.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, T, row_grain(H), [&](int64_t begin, int64_t end) {
+      std::vector<float> h(H);
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* wr = wp + ip[t] * H;
+        const scalar_t* pr = pe + pp[t] * H;
+        const scalar_t* tr = te + tp[t] * H;
+        Vec acc(0.f);
+        for_each_vec(H, [&](int64_t j, int64_t n) {
+          Vec s = load(wr + j, n) + load(tr + j, n) + load(pr + j, n);
+          s.store(h.data() + j, n);
+          acc = acc + s;
+        });
+        normalize_row(h.data(), sum(acc), gp, bp, op + t * H, H, static_cast<float>(eps));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace fastbert::cpu

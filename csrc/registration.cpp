@@ -1,0 +1,74 @@
+// fastbert._C: registers the extension's ops with the PyTorch dispatcher.
+//
+// The public ops (fastbert::attention, ...) are Python custom ops defined in fastbert/ops.py;
+// the extension adds its own ops to the same namespace under ext_* names, each with a CPU
+// kernel (csrc/cpu/) and, when built with CUDA, a CUDA kernel (csrc/cuda/). Fake (meta)
+// implementations are not needed here: fastbert.ops calls these from inside its own custom
+// ops, which carry the fakes. Importing the Python module fastbert._C loads this library,
+// which runs the registrations below.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/ops.h"
+#ifdef FASTBERT_WITH_CUDA
+#include "cuda/binding.h"
+#endif
+
+#ifndef FASTBERT_CPU_ISA
+#define FASTBERT_CPU_ISA "default"
+#endif
+
+TORCH_LIBRARY_FRAGMENT(fastbert, m) {
+  m.def("ext_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale, "
+        "bool causal, Tensor? bias) -> Tensor");
+  m.def("ext_linear_gelu(Tensor x, Tensor weight, Tensor bias, str approximate) -> Tensor");
+  m.def("ext_bias_gelu_(Tensor(a!) y, Tensor bias, str approximate) -> ()");
+  m.def("ext_add_layernorm(Tensor x, Tensor residual, Tensor? bias, Tensor weight, Tensor ln_bias, "
+        "float eps) -> Tensor");
+  m.def("ext_embed_layernorm(Tensor input_ids, Tensor position_ids, Tensor token_type_ids, "
+        "Tensor word_embeddings, Tensor position_embeddings, Tensor token_type_embeddings, "
+        "Tensor weight, Tensor ln_bias, float eps) -> Tensor");
+  m.def("ext_unpad(Tensor x, Tensor indices) -> Tensor");
+  m.def("ext_pad(Tensor x, Tensor indices, int batch, int seqlen) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
+  m.impl("ext_attention", &fastbert::cpu::attention);
+  m.impl("ext_linear_gelu", &fastbert::cpu::linear_gelu);
+  m.impl("ext_bias_gelu_", &fastbert::cpu::bias_gelu_);
+  m.impl("ext_add_layernorm", &fastbert::cpu::add_layernorm);
+  m.impl("ext_embed_layernorm", &fastbert::cpu::embed_layernorm);
+  m.impl("ext_unpad", &fastbert::cpu::unpad);
+  m.impl("ext_pad", &fastbert::cpu::pad);
+}
+
+#ifdef FASTBERT_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
+  m.impl("ext_linear_gelu", &fastbert::cuda::linear_gelu);
+  m.impl("ext_bias_gelu_", &fastbert::cuda::bias_gelu_);
+  m.impl("ext_add_layernorm", &fastbert::cuda::add_layernorm);
+  m.impl("ext_embed_layernorm", &fastbert::cuda::embed_layernorm);
+  m.impl("ext_unpad", &fastbert::cuda::unpad);
+  m.impl("ext_pad", &fastbert::cuda::pad);
+}
+#endif
+
+// The Python module itself only describes the build: WITH_CUDA and CPU_ISA.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "fastbert._C",
+                               "fastbert's compiled ops (registered under torch.ops.fastbert.ext_*)",
+                               -1, nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+#ifdef FASTBERT_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) < 0 ||
+      PyModule_AddStringConstant(m, "CPU_ISA", FASTBERT_CPU_ISA) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -1,0 +1,76 @@
+"""The ``cpp`` and ``cuda`` backends: fastbert's compiled extension ``fastbert._C``.
+
+Importing this module loads the extension, which registers ``torch.ops.fastbert.ext_*`` ops
+with a CPU kernel each (csrc/cpu/) and, when built with CUDA, CUDA kernels (csrc/cuda/) for all
+but attention. Importing fails with ImportError when the extension was not built; the backend
+selection then warns once and falls back (see :mod:`fastbert.backends`).
+
+The functions below carry the op names and reference signatures of :mod:`fastbert.reference`.
+``linear_gelu`` leaves the GEMM to ATen (MKL / oneDNN on CPU, cuBLAS on CUDA) and fuses bias
+and GELU into one pass over its output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from fastbert import _C
+except ImportError as exc:
+    raise ImportError(
+        f"fastbert._C is not built ({exc}); build it with `pip install --no-build-isolation -e .` "
+        "or `python setup.py build_ext --inplace`"
+    ) from exc
+
+_ops = torch.ops.fastbert
+
+WITH_CUDA: bool = bool(_C.WITH_CUDA)
+CPU_ISA: str = _C.CPU_ISA
+
+# Ops with a CUDA kernel; the others run on the next CUDA backend.
+CUDA_OPS = ("linear_gelu", "add_layernorm", "embed_layernorm", "unpad", "pad")
+
+# torch.backends.cpu.get_cpu_capability() names, weakest first.
+_CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    """Why the extension cannot run ops on ``device_type`` tensors here, or None if it can."""
+    if device_type == "cuda" and not WITH_CUDA:
+        return "fastbert._C was built without CUDA"
+    if device_type == "cpu":
+        have = torch.backends.cpu.get_cpu_capability()
+        if have in _CAPABILITIES and _CAPABILITIES.index(have) < _CAPABILITIES.index(CPU_ISA.upper()):
+            return f"fastbert._C was built for {CPU_ISA} but this CPU supports {have.lower()}"
+    return None
+
+
+def implements(op: str, device_type: str) -> bool:
+    """Whether the extension has a kernel for ``op`` on ``device_type`` tensors."""
+    return device_type != "cuda" or op in CUDA_OPS
+
+
+def attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias):
+    return _ops.ext_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias)
+
+
+def linear_gelu(x, weight, bias, approximate):
+    return _ops.ext_linear_gelu(x, weight, bias, approximate)
+
+
+def add_layernorm(x, residual, bias, weight, ln_bias, eps):
+    return _ops.ext_add_layernorm(x, residual, bias, weight, ln_bias, eps)
+
+
+def embed_layernorm(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
+                    token_type_embeddings, weight, ln_bias, eps):
+    return _ops.ext_embed_layernorm(input_ids, position_ids, token_type_ids, word_embeddings,
+                                    position_embeddings, token_type_embeddings, weight, ln_bias, eps)
+
+
+def unpad(x, indices):
+    return _ops.ext_unpad(x, indices)
+
+
+def pad(x, indices, batch, seqlen):
+    return _ops.ext_pad(x, indices, batch, seqlen)
