@@ -119,7 +119,7 @@ at::Tensor embed_layernorm(const at::Tensor& input_ids, const at::Tensor& positi
   auto gc = weight.contiguous(), bc = ln_bias.contiguous();
   auto out = at::empty({T, H}, words.options());
   embed_layernorm(ids.const_data_ptr<int64_t>(), pos.const_data_ptr<int64_t>(), tts.const_data_ptr<int64_t>(),
-                  nullptr, wc.const_data_ptr(), pc.const_data_ptr(), tc.const_data_ptr(),
+                  wc.const_data_ptr(), pc.const_data_ptr(), tc.const_data_ptr(),
                   gc.const_data_ptr(), bc.const_data_ptr(), out.data_ptr(), T, H,
                   static_cast<float>(eps), dtype_of(words, "embed_layernorm"), stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

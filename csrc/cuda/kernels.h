@@ -21,10 +21,10 @@ void add_layernorm(const void* x, const void* residual, const void* bias, const 
                    DType dtype, cudaStream_t stream);
 
 // out[t] = LayerNorm(word[ids[t]] + token_type[type_ids[t]] + position[pos_ids[t]]) * weight + ln_bias.
-// With `indices` non-null the id arrays are padded [B * S] and token t reads position
-// indices[t] of them, so the gather of valid tokens (unpad) happens in the same kernel.
+// The ids are those of the valid tokens only (the encoder gathers them first), so only
+// real tokens are embedded.
 void embed_layernorm(const int64_t* input_ids, const int64_t* position_ids,
-                     const int64_t* token_type_ids, const int64_t* indices, const void* word,
+                     const int64_t* token_type_ids, const void* word,
                      const void* position, const void* token_type, const void* weight,
                      const void* ln_bias, void* out, int64_t tokens, int64_t hidden, float eps,
                      DType dtype, cudaStream_t stream);

@@ -40,17 +40,16 @@ struct AddRow {
 
 template <typename T>
 struct EmbedRow {
-  const int64_t *input_ids, *position_ids, *token_type_ids, *indices;
+  const int64_t *input_ids, *position_ids, *token_type_ids;
   const T *word, *position, *token_type;
   int64_t hidden;
 
   template <int kVec>
   __device__ __forceinline__ void load(int64_t token, int64_t col, float (&h)[kVec]) const {
-    const int64_t at = indices != nullptr ? indices[token] : token;
     float p[kVec], t[kVec];
-    load_float<T, kVec>(word + input_ids[at] * hidden + col, h);
-    load_float<T, kVec>(token_type + token_type_ids[at] * hidden + col, t);
-    load_float<T, kVec>(position + position_ids[at] * hidden + col, p);
+    load_float<T, kVec>(word + input_ids[token] * hidden + col, h);
+    load_float<T, kVec>(token_type + token_type_ids[token] * hidden + col, t);
+    load_float<T, kVec>(position + position_ids[token] * hidden + col, p);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) h[i] = (h[i] + t[i]) + p[i];
   }
@@ -168,13 +167,13 @@ void add_layernorm(const void* x, const void* residual, const void* bias, const 
 }
 
 void embed_layernorm(const int64_t* input_ids, const int64_t* position_ids,
-                     const int64_t* token_type_ids, const int64_t* indices, const void* word,
+                     const int64_t* token_type_ids, const void* word,
                      const void* position, const void* token_type, const void* weight,
                      const void* ln_bias, void* out, int64_t tokens, int64_t hidden, float eps,
                      DType dtype, cudaStream_t stream) {
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const EmbedRow<T> src{input_ids, position_ids, token_type_ids, indices,
+    const EmbedRow<T> src{input_ids, position_ids, token_type_ids,
                           static_cast<const T*>(word), static_cast<const T*>(position),
                           static_cast<const T*>(token_type), hidden};
     const bool vectorizable = aligned16(word) && aligned16(position) && aligned16(token_type);
