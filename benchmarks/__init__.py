@@ -1,0 +1,1 @@
+"""fastbert's benchmarks."""
