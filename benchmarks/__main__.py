@@ -53,10 +53,22 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated (default: float32 on CPU, float16,bfloat16 on CUDA)")
     p.add_argument("--shapes", type=_shapes, help="BATCHxSEQ list replacing the grid, e.g. 8x128,1x16")
     p.add_argument("--fills", type=_names(FILLS), help=f"comma-separated, from: {', '.join(FILLS)}")
-    p.add_argument("--budget", type=float, help="seconds of timed rounds per measurement (default 6; --quick 1.5)")
+    p.add_argument("--budget", type=float,
+                   help="seconds of timed rounds per measurement (default: CPU 6, --quick 1.5; CUDA 1, --quick 0.5)")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>)")
     p.add_argument("--kernels", action="store_true", help="run the op microbenchmarks instead (benchmarks.kernels)")
     return p
+
+
+# Timed rounds per measurement: seconds of budget, at least / at most this many rounds, attempts
+# while the spread is large (see runner.Options). CPU runs are noisy (shared cores) and need long
+# budgets; GPU runs are steady and their time is scarce.
+TIMING = {
+    ("cpu", False): dict(budget_s=6.0, min_reps=5, max_reps=50),
+    ("cpu", True): dict(budget_s=1.5, min_reps=3, max_reps=30, attempts=2),
+    ("cuda", False): dict(budget_s=1.0, min_reps=10, max_reps=200, attempts=2),
+    ("cuda", True): dict(budget_s=0.5, min_reps=10, max_reps=100, attempts=2),
+}
 
 
 def _kernels(args) -> int:
@@ -96,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         run_name="partial" if restricted else "quick" if quick else "full",
         shapes=args.shapes,
         fills=args.fills or (QUICK_FILLS if quick else FILLS),
-        **(dict(budget_s=1.5, min_reps=3, max_reps=30) if quick else {}),
+        **TIMING[device.type, quick],
     )
     if args.budget is not None:
         options.budget_s = args.budget

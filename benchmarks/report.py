@@ -24,13 +24,18 @@ How it was measured: `python -m benchmarks{flags}` (see benchmarks/runner.py). E
 seeded batch; fill is the mean fraction of real (non-pad) tokens. Every implementation starts from
 the same fp32 model; its output on valid tokens is compared with HF eager fp32 and flagged WRONG
 beyond 4x HF SDPA's own error in that dtype plus a floor (fp32 1e-4, fp16 1e-2, bf16 5e-2).
-Times: implementations interleaved round-robin after warm-up; median of the rounds, speedup =
-median(HF SDPA) / median(impl) measured in the same rounds. Peak memory: growth during one call
-(CPU: process resident-set high-water mark; CUDA: allocator peak)."""
+Times: after a warm-up call, implementations run in rounds, in a shuffled order each round;
+median of the rounds, speedup = median(HF SDPA) / median(impl) from the same rounds. Peak memory:
+growth during one call (CPU: process resident-set high-water mark; CUDA: allocator peak)."""
+
+
+FILLS = ("full", "uniform", "skewed")
 
 
 def _key(r: dict) -> tuple:
-    return (r["workload"], r["dtype"], r["batch"] * r["seq_len"], r["batch"], r["seq_len"], r["fill"])
+    """Sort order of rows: by workload, dtype, token count, shape, then fill level."""
+    fill = FILLS.index(r["fill"]) if r["fill"] in FILLS else len(FILLS)
+    return (r["workload"], r["dtype"], r["batch"] * r["seq_len"], r["batch"], r["seq_len"], fill)
 
 
 def _impls(records: list[dict]) -> list[str]:
@@ -73,6 +78,11 @@ def _memory_cell(r: dict) -> str:
     return "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
 
 
+def _first_call_cell(r: dict) -> str:
+    build = f", build {r['build_s']:.1f} s" if r.get("build_s") is not None else ""
+    return f"{r['first_call_ms']:.0f} ms{build}" if r["first_call_ms"] is not None else "-"
+
+
 def not_measured(records: list[dict]) -> list[str]:
     """One line per implementation (and place) that has no valid measurement, with the reason."""
     lines = []
@@ -87,8 +97,9 @@ def not_measured(records: list[dict]) -> list[str]:
 
 
 def run_table(records: list[dict]) -> str:
-    """The table the runner prints: times with speedups, then what was not measured and why."""
-    parts = [_pivot(records, _time_cell)]
+    """The tables the runner prints: times with speedups, errors, then what was not measured and why."""
+    parts = ["Median time and speedup over HF SDPA:", _pivot(records, _time_cell),
+             "Max abs error vs HF eager fp32 on valid tokens:", _pivot(records, _error_cell)]
     missing = not_measured(records)
     if missing:
         parts.append("Not measured or wrong:\n" + "\n".join(missing))
@@ -111,7 +122,9 @@ def summary(documents: list[dict]) -> str:
         parts += [f"## Run `{run['name']}`", _header(run), HOW.format(flags=flags),
                   "### Time (median) and speedup over HF SDPA", _pivot(records, _time_cell),
                   "### Max abs error vs HF eager fp32 (valid tokens)", _pivot(records, _error_cell),
-                  "### Peak memory growth during one call (MiB)", _pivot(records, _memory_cell)]
+                  "### Peak memory growth during one call (MiB)", _pivot(records, _memory_cell),
+                  "### First call (torch.compile compiles here) and build (ONNX export and optimisation)",
+                  _pivot(records, _first_call_cell)]
         missing = not_measured(records)
         if missing:
             parts += ["### Not measured, failed or wrong", "\n".join(missing)]
@@ -125,10 +138,11 @@ def plot(document: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     records = [r for r in document["records"] if r["status"] in MEASURED and r["batch"] is not None]
     groups = sorted({(r["workload"], r["dtype"]) for r in records})
-    fills = [f for f in ("full", "uniform", "skewed") if any(r["fill"] == f for r in records)]
+    fills = [f for f in FILLS if any(r["fill"] == f for r in records)]
     impls = [i for i in _impls(records) if i != BASELINE]
     fig, axes = plt.subplots(len(groups), len(fills), figsize=(4.2 * len(fills), 3.2 * len(groups)),
                              squeeze=False, sharey=True)
@@ -149,6 +163,9 @@ def plot(document: dict, path: Path) -> None:
                     ax.scatter([p[0] for p in wrong], [p[1] for p in wrong], marker="x", s=80, color="red", zorder=3)
             ax.set_xticks(range(len(shapes)), [f"{b}x{s}" for _, b, s in shapes], fontsize=8)
             ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=2, subs=(1.0, 1.5)))
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%gx"))
+            ax.yaxis.set_minor_locator(ticker.NullLocator())
             ax.grid(True, which="both", alpha=0.3)
             ax.set_title(f"{workload} {dtype}, fill: {fill}", fontsize=9)
             if col == 0:

@@ -1,9 +1,10 @@
 """Timing and peak memory of model calls, interleaved across implementations.
 
 Every implementation of one measurement is timed in the same rounds: each round calls each
-implementation once, in an order rotated from round to round, so a slow phase of a shared
-machine (other processes, thermal or frequency changes) hits all of them alike. Medians and
-20th/80th percentiles summarise the rounds.
+implementation once, in an order shuffled from round to round, so a slow phase of a shared
+machine (other processes, thermal or frequency changes) hits all of them alike, and so does the
+after-effect of the call before (thread pools still spinning, caches). Medians and 20th/80th
+percentiles summarise the rounds.
 
 - CUDA: each call between two CUDA events, the device synchronised after each round.
 - CPU: ``time.perf_counter`` around each call (CPU calls return when the work is done). This is
@@ -19,6 +20,7 @@ also sees memory that is not PyTorch's (ONNX Runtime's arena). Elsewhere it is n
 from __future__ import annotations
 
 import ctypes
+import random
 import re
 import statistics
 import time
@@ -61,11 +63,11 @@ def interleaved(calls: dict[str, Call], device: torch.device, min_reps: int, max
     one_round = _cuda_times if device.type == "cuda" else _cpu_times
     names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    shuffler = random.Random(0)
     deadline = time.perf_counter() + budget_s
     rep = 0
     while rep < max_reps and (rep < min_reps or time.perf_counter() < deadline):
-        shift = rep % len(names)
-        for name, ms in one_round(calls, names[shift:] + names[:shift]).items():
+        for name, ms in one_round(calls, shuffler.sample(names, len(names))).items():
             samples[name].append(ms)
         rep += 1
     return samples
@@ -74,6 +76,12 @@ def interleaved(calls: dict[str, Call], device: torch.device, min_reps: int, max
 def summary(samples: list[float]) -> dict[str, float]:
     p20, p80 = np.percentile(samples, [20, 80])
     return {"median_ms": statistics.median(samples), "p20_ms": float(p20), "p80_ms": float(p80)}
+
+
+def spread(samples: dict[str, list[float]]) -> float:
+    """The largest p80/p20 ratio over implementations: 1.0 is a perfectly steady measurement."""
+    ratios = [p80 / p20 for p20, p80 in (np.percentile(s, [20, 80]) for s in samples.values()) if p20 > 0]
+    return max(ratios, default=1.0)
 
 
 _STATUS = Path("/proc/self/status")

@@ -103,7 +103,8 @@ def lengths(batch: int, seq_len: int, fill: str, seed: int) -> np.ndarray:
     raise ValueError(f"unknown fill {fill!r}; choose from {FILLS}")
 
 
-def make_inputs(workload: str, vocab_size: int, batch: int, seq_len: int, fill: str) -> tuple[torch.Tensor, torch.Tensor]:
+def make_inputs(workload: str, vocab_size: int, batch: int, seq_len: int, fill: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded ``(input_ids, attention_mask)``, both int64 ``[batch, seq_len]``, right-padded."""
     seed = _seed(workload, batch, seq_len, fill)
     lens = torch.from_numpy(lengths(batch, seq_len, fill, seed))

@@ -79,7 +79,8 @@ def test_failing_and_unavailable_peers_are_reported_with_reason(tmp_path, monkey
     grouped = _by_impl(records)
     assert [(r["status"], r["reason"]) for r in grouped["broken-build"]] == [
         ("failed", "build: RuntimeError: cannot build this peer")]
-    assert [(r["status"], r["reason"]) for r in grouped["missing"]] == [("unavailable", "needs hardware this machine lacks")]
+    assert [(r["status"], r["reason"]) for r in grouped["missing"]] == [
+        ("unavailable", "needs hardware this machine lacks")]
     assert [(r["status"], r["reason"], r["seq_len"]) for r in grouped["broken-run"]] == [
         ("failed", "run: ValueError: sequence too long for this peer", 24)]
     assert grouped["hf-sdpa"][0]["status"] == "ok"
