@@ -45,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true",
-                   help="MiniLM and one small BERT-base shape, no compile/ONNX peers (<= 3 minutes on 2 CPU cores)")
+                   help="MiniLM and one small BERT-base shape; fastbert, HF SDPA and nested tensors only "
+                   "(<= 3 minutes on 2 CPU cores)")
     p.add_argument("--impl", type=_names(tuple(PEERS)), help=f"comma-separated, from: {', '.join(PEERS)} "
                    "(HF SDPA, the baseline, always runs)")
     p.add_argument("--workload", type=_names(tuple(WORKLOADS)), help=f"comma-separated, from: {', '.join(WORKLOADS)}")
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", type=_shapes, help="BATCHxSEQ list replacing the grid, e.g. 8x128,1x16")
     p.add_argument("--fills", type=_names(FILLS), help=f"comma-separated, from: {', '.join(FILLS)}")
     p.add_argument("--budget", type=float,
-                   help="seconds of timed rounds per measurement (default: CPU 6, --quick 1.5; CUDA 1, --quick 0.5)")
+                   help="seconds of timed rounds per measurement (default: CPU 4, --quick 1.5; CUDA 1, --quick 0.5)")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>)")
     p.add_argument("--kernels", action="store_true", help="run the op microbenchmarks instead (benchmarks.kernels)")
     return p
@@ -64,10 +65,10 @@ def parser() -> argparse.ArgumentParser:
 # while the spread is large (see runner.Options). CPU runs are noisy (shared cores) and need long
 # budgets; GPU runs are steady and their time is scarce.
 TIMING = {
-    ("cpu", False): dict(budget_s=6.0, min_reps=5, max_reps=50),
-    ("cpu", True): dict(budget_s=1.5, min_reps=3, max_reps=30, attempts=2),
+    ("cpu", False): dict(budget_s=4.0, min_reps=5, max_reps=50, attempts=2),
+    ("cpu", True): dict(budget_s=1.5, min_reps=3, max_reps=30, attempts=1),
     ("cuda", False): dict(budget_s=1.0, min_reps=10, max_reps=200, attempts=2),
-    ("cuda", True): dict(budget_s=0.5, min_reps=10, max_reps=100, attempts=2),
+    ("cuda", True): dict(budget_s=0.5, min_reps=10, max_reps=100, attempts=1),
 }
 
 

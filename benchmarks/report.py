@@ -32,10 +32,10 @@ growth during one call (CPU: process resident-set high-water mark; CUDA: allocat
 FILLS = ("full", "uniform", "skewed")
 
 
-def _key(r: dict) -> tuple:
-    """Sort order of rows: by workload, dtype, token count, shape, then fill level."""
+def _key(r: dict, workloads: list[str]) -> tuple:
+    """Sort order of rows: workload (as run), dtype, token count, shape, then fill level."""
     fill = FILLS.index(r["fill"]) if r["fill"] in FILLS else len(FILLS)
-    return (r["workload"], r["dtype"], r["batch"] * r["seq_len"], r["batch"], r["seq_len"], fill)
+    return (workloads.index(r["workload"]), r["dtype"], r["batch"] * r["seq_len"], r["batch"], r["seq_len"], fill)
 
 
 def _impls(records: list[dict]) -> list[str]:
@@ -46,10 +46,11 @@ def _impls(records: list[dict]) -> list[str]:
 def _pivot(records: list[dict], cell: Callable[[dict], str]) -> str:
     """A markdown table: one row per (workload, dtype, shape, fill), one column per implementation."""
     impls = _impls(records)
+    workloads = list(dict.fromkeys(r["workload"] for r in records))
     rows: dict[tuple, dict] = {}
     for r in records:
         if r["batch"] is not None:
-            rows.setdefault(_key(r), {"first": r})[r["impl"]] = r
+            rows.setdefault(_key(r, workloads), {"first": r})[r["impl"]] = r
     lines = ["| workload | dtype | batch x seq | fill | " + " | ".join(impls) + " |",
              "|" + "---|" * (4 + len(impls))]
     for key in sorted(rows):
@@ -63,8 +64,12 @@ def _pivot(records: list[dict], cell: Callable[[dict], str]) -> str:
     return "\n".join(lines)
 
 
+def _ms(ms: float) -> str:
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
 def _time_cell(r: dict) -> str:
-    text = f"{r['median_ms']:.3g} ms"
+    text = f"{_ms(r['median_ms'])} ms"
     if r["impl"] != BASELINE and r["speedup_vs_hf_sdpa"]:
         text += f" **{r['speedup_vs_hf_sdpa']:.2f}x**"
     return text + (" WRONG" if r["status"] == "wrong" else "")
@@ -141,7 +146,7 @@ def plot(document: dict, path: Path) -> None:
     from matplotlib import ticker
 
     records = [r for r in document["records"] if r["status"] in MEASURED and r["batch"] is not None]
-    groups = sorted({(r["workload"], r["dtype"]) for r in records})
+    groups = list(dict.fromkeys((r["workload"], r["dtype"]) for r in records))
     fills = [f for f in FILLS if any(r["fill"] == f for r in records)]
     impls = [i for i in _impls(records) if i != BASELINE]
     fig, axes = plt.subplots(len(groups), len(fills), figsize=(4.2 * len(fills), 3.2 * len(groups)),

@@ -14,7 +14,8 @@ with the reason, one whose build raises as ``failed``. Then for each (batch, seq
    included, flagged) are timed in interleaved rounds (repeated when the spread shows a burst
    of load from elsewhere, see :meth:`Runner.timed_rounds`).
 
-HF SDPA, the baseline of every speedup, always runs. Records go to ``<out>/<run>.json``;
+HF SDPA, the baseline of every speedup, always runs. ``tokens_per_s`` counts real (non-pad)
+tokens, the work a user asked for. Records go to ``<out>/<run>.json``;
 ``python -m benchmarks.report <out>`` renders the markdown summary and the plot.
 """
 
@@ -51,8 +52,9 @@ DEFAULT_IMPLS = {
     "cuda": ("fastbert-triton", "fastbert-cuda", "fastbert-torch", "hf-eager", "hf-sdpa", "hf-sdpa-compile",
              "nested-tensor", "onnxruntime"),
 }
-# --quick leaves out the peers that spend most of its 3 minutes compiling or exporting.
-QUICK_SKIPS = ("hf-sdpa-compile", "onnxruntime")
+# --quick (3 minutes at most on 2 busy cores) leaves out the peers that spend most of that
+# compiling or exporting, and HF eager (HF SDPA is the baseline).
+QUICK_SKIPS = ("hf-sdpa-compile", "onnxruntime", "hf-eager")
 PACKAGES = ("torch", "transformers", "triton", "onnxruntime", "sentence-transformers", "numpy")
 # Warnings every run would repeat; what they say is in the records (unavailable backends) or
 # irrelevant to timing (ONNX export tracing, nested tensors being a prototype API).

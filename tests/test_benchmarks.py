@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import __main__ as cli
-from benchmarks import report, runner, workloads
+from benchmarks import report, runner, timing, workloads
 from benchmarks.peers import PEERS, Peer, Unavailable, nested_encoder
 
 RECORD_KEYS = {
@@ -158,3 +158,19 @@ def test_kernels_mode_without_module(monkeypatch, capsys):
 def test_unavailable_backend_raises(tmp_path):
     with pytest.raises(Unavailable, match="interpreter"):
         PEERS["fastbert-triton"].build(workloads.WORKLOADS["tiny"].build(), torch.device("cpu"), torch.float32)
+
+
+def test_interleaved_rounds_time_every_call_equally():
+    calls_made = []
+    calls = {name: (lambda name=name: calls_made.append(name)) for name in "abc"}
+    samples = timing.interleaved(calls, torch.device("cpu"), min_reps=4, max_reps=6, budget_s=0.0)
+    assert {name: len(s) for name, s in samples.items()} == {"a": 4, "b": 4, "c": 4}
+    rounds = [tuple(calls_made[i:i + 3]) for i in range(0, 12, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds) and len(set(rounds)) > 1  # shuffled per round
+
+
+def test_noisy_attempt_is_repeated_and_steadiest_kept(tmp_path, monkeypatch):
+    attempts = iter([{"a": [1.0, 1.0, 5.0, 5.0, 9.0]}, {"a": [1.0, 1.1, 1.1, 1.2, 1.2]}])
+    monkeypatch.setattr(timing, "interleaved", lambda *args: next(attempts))
+    best, tries = runner.Runner(_options(tmp_path, ())).timed_rounds({"a": None})
+    assert tries == 2 and best == {"a": [1.0, 1.1, 1.1, 1.2, 1.2]}
