@@ -7,7 +7,7 @@ reported with its message. Only valid tokens of the output are compared: pad pos
 between peers (fastbert and the nested-tensor path give zeros there, HF gives values).
 
 Peers that keep HF modules share the weight tensors of one converted model (no copies);
-fastbert patches its own module tree, so each fastbert backend gets a separate tree.
+``fastbert.optimize`` patches the model it is given, so each fastbert backend gets a full copy.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def _fastbert(backend: str):
             backends.load(backend, device.type)
         except backends.BackendUnavailable as exc:
             raise Unavailable(str(exc)) from exc
-        # optimize() patches the instance and caches fused weights on it: a separate module tree.
-        return _hidden(fastbert.optimize(share_weights(model), backend=backend))
+        # optimize() patches the instance and may prepare weights for its backend: a full copy.
+        return _hidden(fastbert.optimize(copy.deepcopy(model), backend=backend))
 
     return build
 
