@@ -114,8 +114,9 @@ def run_table(records: list[dict]) -> str:
 def _header(run: dict) -> str:
     v = run["versions"]
     versions = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "triton", "onnxruntime") if k in v)
+    finished = f"finished {run['finished']}" if run.get("finished") else "INTERRUPTED (partial results)"
     return (f"Device: {run['device_name']} ({run['device']}, {run['num_threads']} threads); started "
-            f"{run['started']}; commit {run['commit']}; {versions}.")
+            f"{run['started']}, {finished}; commit {run['commit']}; {versions}.")
 
 
 def summary(documents: list[dict]) -> str:

@@ -255,6 +255,7 @@ class Runner:
                 row.update(status="wrong", reason=f"max abs error {row['max_abs_err']:.2e} > tolerance {tolerance:.2e}")
             self.record(**common, **row)
         self.progress(common, time.perf_counter() - started)
+        self.write(finished=False)
 
     def timed_rounds(self, calls: dict) -> tuple[dict[str, list[float]], int]:
         """Interleaved samples; repeated (up to ``attempts`` times) while some implementation's
@@ -298,7 +299,9 @@ class Runner:
                   f"(fill {common['mean_fill']:.2f}) [{seconds:.0f}s]: " + " | ".join(cells))
 
     # ------------------------------------------------------------------------------ output
-    def write(self) -> Path:
+    def write(self, finished: bool) -> Path:
+        """Write the records so far; the runner calls this after every measurement, so an
+        interrupted run keeps what it measured (``finished`` is then null in the file)."""
         self.o.out.mkdir(parents=True, exist_ok=True)
         path = self.o.out / f"{self.o.run_name}.json"
         options = {"quick": self.o.quick, "impls": list(self.o.impls), "workloads": list(self.o.workloads),
@@ -306,9 +309,13 @@ class Runner:
                    "shapes": self.o.shapes and [list(s) for s in self.o.shapes], "budget_s": self.o.budget_s,
                    "min_reps": self.o.min_reps, "max_reps": self.o.max_reps, "attempts": self.o.attempts,
                    "max_spread": self.o.max_spread}
-        document = {"run": {"name": self.o.run_name, "started": self.started, **self.env, "options": options},
+        done = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds") if finished else None
+        document = {"run": {"name": self.o.run_name, "started": self.started, "finished": done, **self.env,
+                            "options": options},
                     "records": self.records}
-        path.write_text(json.dumps(document, indent=1) + "\n")
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(document, indent=1) + "\n")
+        partial.replace(path)
         return path
 
 
@@ -332,7 +339,7 @@ def _detail(impl: str, device: torch.device) -> str | None:
 def main(options: Options) -> list[dict]:
     runner = Runner(options)
     runner.run()
-    path = runner.write()
+    path = runner.write(finished=True)
     print(report.run_table(runner.records))
     _progress(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}; "
               f"render the summary and plot with: python -m benchmarks.report {path.parent}")

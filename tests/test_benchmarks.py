@@ -96,6 +96,7 @@ def test_end_to_end_json_and_report(tmp_path):
     assert status == 0
     document = json.loads((tmp_path / "partial.json").read_text())
     records = document["records"]
+    assert document["run"]["finished"] and not list(tmp_path.glob("*.tmp"))
     for r in records:
         assert RECORD_KEYS <= r.keys(), RECORD_KEYS - r.keys()
         assert r["device"] == "cpu" and r["dtype"] == "float32" and r["commit"] and r["versions"]["torch"]
