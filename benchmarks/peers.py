@@ -3,7 +3,8 @@
 A peer's ``build(model, device, dtype)`` returns a function ``run(input_ids, attention_mask)``
 giving the last hidden state ``[batch, seq_len, hidden]``, or raises :class:`Unavailable` when
 it cannot run here (wrong device, extension not built); any other exception is a failure,
-reported with its message. Only valid tokens of the output are compared: pad positions differ
+reported with its message. ``run.detail``, when set, says what exactly runs (which fastbert
+ops fell back to another backend, which ops ONNX Runtime's optimizer fused). Only valid tokens of the output are compared: pad positions differ
 between peers (fastbert and the nested-tensor path give zeros there, HF gives values).
 
 Peers that keep HF modules share the weight tensors of one converted model (no copies);
@@ -15,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -82,14 +84,12 @@ def _fastbert(backend: str):
         except backends.BackendUnavailable as exc:
             raise Unavailable(str(exc)) from exc
         # optimize() patches the instance and may prepare weights for its backend: a full copy.
-        return _hidden(fastbert.optimize(copy.deepcopy(model), backend=backend))
+        run = _hidden(fastbert.optimize(copy.deepcopy(model), backend=backend))
+        moved = [f"{op}={b}" for op, b in backends.plan(device, backend).items() if b != backend]
+        run.detail = "ops on fallback backends: " + ", ".join(moved) if moved else None
+        return run
 
     return build
-
-
-def op_plan(device: torch.device, backend: str) -> dict[str, str]:
-    """Which backend runs each op when ``backend`` is asked for (ops it lacks fall back)."""
-    return backends.plan(device, backend)
 
 
 def nested_encoder(model: nn.Module) -> nn.TransformerEncoder:
@@ -152,7 +152,7 @@ def onnx_file(model: nn.Module) -> Path:
     from onnxruntime.transformers import optimizer
 
     path = CACHE / f"bert-{_weights_digest(model)}.opt.onnx"
-    if path.exists():
+    if path.exists() and path.with_suffix(".json").exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
     raw = path.with_name(path.name.replace(".opt.onnx", ".onnx"))
@@ -168,6 +168,8 @@ def onnx_file(model: nn.Module) -> Path:
     c = model.config
     optimized = optimizer.optimize_model(str(raw), model_type="bert", num_heads=c.num_attention_heads,
                                          hidden_size=c.hidden_size)
+    fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+    path.with_suffix(".json").write_text(json.dumps(fused))
     partial = path.with_suffix(".tmp")
     optimized.save_model_to_file(str(partial))
     os.replace(partial, path)
@@ -184,12 +186,15 @@ def _onnxruntime(model, device, dtype):
     options.intra_op_num_threads = torch.get_num_threads()
     # Idle ORT threads would otherwise spin after each call, slowing whichever peer runs next.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(str(onnx_file(model)), options, providers=["CPUExecutionProvider"])
+    path = onnx_file(model)
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(input_ids, attention_mask):
         feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
         return torch.from_numpy(session.run(None, feeds)[0])
 
+    fused = json.loads(path.with_suffix(".json").read_text())
+    run.detail = "ORT optimizer fused: " + ", ".join(f"{op} {n}" for op, n in fused.items())
     return run
 
 

@@ -38,7 +38,7 @@ import torch
 
 import fastbert
 from benchmarks import report, timing
-from benchmarks.peers import BASELINE, PEERS, Unavailable, hf_module, op_plan
+from benchmarks.peers import BASELINE, PEERS, Unavailable, hf_module
 from benchmarks.workloads import FILLS, WORKLOADS, make_inputs, shapes_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -235,7 +235,7 @@ class Runner:
             first_ms = (time.perf_counter() - first) * 1e3
             calls[impl] = call
             rows[impl] = dict(impl=impl, build_s=self.build_s[impl], first_call_ms=first_ms,
-                              max_abs_err=_error(out, valid, expected), detail=_detail(impl, device))
+                              max_abs_err=_error(out, valid, expected), detail=getattr(run, "detail", None))
         if device.type == "cuda":
             self.add_graphs(calls, rows, common, valid, expected)
 
@@ -325,15 +325,6 @@ def _error(out: torch.Tensor, valid: torch.Tensor, expected: torch.Tensor) -> fl
     if got.shape != expected.shape:
         return float("nan")
     return float((got - expected).abs().max()) if got.numel() else 0.0
-
-
-def _detail(impl: str, device: torch.device) -> str | None:
-    """For fastbert: the ops that ran on another backend than the one asked for."""
-    if not impl.startswith("fastbert-"):
-        return None
-    backend = impl.removeprefix("fastbert-")
-    moved = [f"{op}={b}" for op, b in op_plan(device, backend).items() if b != backend]
-    return "ops on fallback backends: " + ", ".join(moved) if moved else None
 
 
 def main(options: Options) -> list[dict]:
