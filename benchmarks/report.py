@@ -10,6 +10,7 @@ the table it prints.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -94,7 +95,7 @@ def not_measured(records: list[dict]) -> list[str]:
     for r in records:
         if r["status"] == "ok":
             continue
-        where = f"{r['workload']} {r['dtype']}"
+        where = " ".join(x for x in (r["workload"], r["dtype"]) if x)
         if r["batch"] is not None:
             where += f" {r['batch']}x{r['seq_len']} {r['fill']}"
         lines.append(f"- {r['impl']} ({where}): {r['status']}: {r['reason']}")
@@ -191,17 +192,21 @@ def _order(path: Path) -> tuple:
 
 
 def render(folder: Path) -> list[Path]:
-    """Write ``summary.md`` and one PNG per run JSON in ``folder``; returns the written paths."""
+    """Write ``summary.md`` and one PNG per run JSON in ``folder`` (no PNGs, with a message on
+    stderr, where matplotlib is not installed); returns the written paths."""
     paths = sorted(folder.glob("*.json"), key=_order)
     if not paths:
         raise FileNotFoundError(f"no benchmark results (*.json) in {folder}")
     documents = [json.loads(p.read_text()) for p in paths]
-    written = []
+    (folder / "summary.md").write_text(summary(documents))
+    written = [folder / "summary.md"]
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: summary written without plots (pip install matplotlib)", file=sys.stderr)
+        return written
     for path, document in zip(paths, documents):
         plot(document, path.with_suffix(".png"))
         written.append(path.with_suffix(".png"))
-    (folder / "summary.md").write_text(summary(documents))
-    return [folder / "summary.md", *written]
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:

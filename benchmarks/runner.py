@@ -182,7 +182,12 @@ class Runner:
     def workload(self, name: str) -> None:
         device = self.o.device
         workload = WORKLOADS[name]
-        model = workload.build().to(device)
+        try:
+            model = workload.build().to(device)
+        except Exception as exc:  # e.g. the checkpoint package is not installed
+            self.record(impl="(all)", workload=name, dtype=None, status="failed", reason=f"loading: {_reason(exc)}")
+            _progress(f"  {name}: FAILED to load: {_reason(exc)}")
+            return
         reference = hf_module(model, "eager")
         shapes = self.o.shapes or shapes_for(workload, device.type, self.o.quick)
         shapes = [s for s in shapes if s[1] <= model.config.max_position_embeddings]
