@@ -4,8 +4,9 @@ A peer's ``build(model, device, dtype)`` returns a function ``run(input_ids, att
 giving the last hidden state ``[batch, seq_len, hidden]``, or raises :class:`Unavailable` when
 it cannot run here (wrong device, extension not built); any other exception is a failure,
 reported with its message. ``run.detail``, when set, says what exactly runs (which fastbert
-ops fell back to another backend, which ops ONNX Runtime's optimizer fused). Only valid tokens of the output are compared: pad positions differ
-between peers (fastbert and the nested-tensor path give zeros there, HF gives values).
+ops fell back to another backend, which ops ONNX Runtime's optimizer fused). Only valid tokens
+of the output are compared: pad positions differ between peers (fastbert and the nested-tensor
+path give zeros there, HF gives values).
 
 Peers that keep HF modules share the weight tensors of one converted model (no copies);
 ``fastbert.optimize`` patches the model it is given, so each fastbert backend gets a full copy.
@@ -39,7 +40,7 @@ class Unavailable(RuntimeError):
 class Peer:
     name: str
     build: Callable[[nn.Module, torch.device, torch.dtype], Run]
-    graphable: bool = False  # worth timing under CUDA graph replay too (its forward never syncs)
+    graphable: bool = False  # on CUDA, also timed replayed from a CUDA graph where capture succeeds
     memory_visible: bool = True  # False: it allocates from its own pool, kept between calls
 
 
@@ -50,6 +51,7 @@ def share_weights(model: nn.Module) -> nn.Module:
 
 
 def hf_module(model: nn.Module, attn_implementation: str) -> nn.Module:
+    """``model`` (weights shared) running HF's ``"eager"`` or ``"sdpa"`` attention."""
     clone = share_weights(model)
     clone.config._attn_implementation = attn_implementation
     return clone
