@@ -19,6 +19,7 @@ from typing import Callable
 BASELINE = "hf-sdpa"
 MEASURED = ("ok", "wrong")
 RUN_ORDER = ("quick", "full")
+SPEEDUP_TICKS = (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1, 1.5, 2, 3, 4, 8, 16, 32, 64)
 
 HOW = """\
 How it was measured: `python -m benchmarks{flags}` (see benchmarks/runner.py). Each row is one
@@ -44,22 +45,30 @@ def _impls(records: list[dict]) -> list[str]:
     return [BASELINE] * (BASELINE in seen) + [i for i in seen if i != BASELINE]
 
 
-def _pivot(records: list[dict], cell: Callable[[dict], str]) -> str:
-    """A markdown table: one row per (workload, dtype, shape, fill), one column per implementation."""
+def _pivot(records: list[dict], cell: Callable[[dict], str], spread: bool = False) -> str:
+    """A markdown table: one row per (workload, dtype, shape, fill), one column per implementation;
+    ``spread`` adds the row's largest p80/p20 ratio (near 1: steady; large: the machine was busy)
+    and the load average when it was timed."""
     impls = _impls(records)
     workloads = list(dict.fromkeys(r["workload"] for r in records))
     rows: dict[tuple, dict] = {}
     for r in records:
         if r["batch"] is not None:
             rows.setdefault(_key(r, workloads), {"first": r})[r["impl"]] = r
-    lines = ["| workload | dtype | batch x seq | fill | " + " | ".join(impls) + " |",
-             "|" + "---|" * (4 + len(impls))]
+    extra = ["worst p80/p20", "load"] if spread else []
+    lines = ["| workload | dtype | batch x seq | fill | " + " | ".join(impls + extra) + " |",
+             "|" + "---|" * (4 + len(impls) + len(extra))]
     for key in sorted(rows):
         by_impl, first = rows[key], rows[key]["first"]
         cells = []
         for impl in impls:
             r = by_impl.get(impl)
             cells.append("-" if r is None else cell(r) if r["status"] in MEASURED else r["status"])
+        if spread:
+            timed = [r for r in by_impl.values() if r["status"] in MEASURED and r["p20_ms"]]
+            cells.append(f"{max(r['p80_ms'] / r['p20_ms'] for r in timed):.2f}" if timed else "-")
+            load = next((r.get("load_avg") for r in timed if r.get("load_avg") is not None), None)
+            cells.append("-" if load is None else f"{load:.1f}")
         lines.append(f"| {first['workload']} | {first['dtype']} | {first['batch']}x{first['seq_len']} | "
                      f"{first['fill']} {first['mean_fill']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -104,7 +113,7 @@ def not_measured(records: list[dict]) -> list[str]:
 
 def run_table(records: list[dict]) -> str:
     """The tables the runner prints: times with speedups, errors, then what was not measured and why."""
-    parts = ["Median time and speedup over HF SDPA:", _pivot(records, _time_cell),
+    parts = ["Median time and speedup over HF SDPA:", _pivot(records, _time_cell, spread=True),
              "Max abs error vs HF eager fp32 on valid tokens:", _pivot(records, _error_cell)]
     missing = not_measured(records)
     if missing:
@@ -127,7 +136,7 @@ def summary(documents: list[dict]) -> str:
         run, records = doc["run"], doc["records"]
         flags = " --quick" if run["options"]["quick"] else ""
         parts += [f"## Run `{run['name']}`", _header(run), HOW.format(flags=flags),
-                  "### Time (median) and speedup over HF SDPA", _pivot(records, _time_cell),
+                  "### Time (median) and speedup over HF SDPA", _pivot(records, _time_cell, spread=True),
                   "### Max abs error vs HF eager fp32 (valid tokens)", _pivot(records, _error_cell),
                   "### Peak memory growth during one call (MiB)", _pivot(records, _memory_cell),
                   "### First call (torch.compile compiles here) and build (ONNX export and optimisation)",
@@ -170,14 +179,17 @@ def plot(document: dict, path: Path) -> None:
                     ax.scatter([p[0] for p in wrong], [p[1] for p in wrong], marker="x", s=80, color="red", zorder=3)
             ax.set_xticks(range(len(shapes)), [f"{b}x{s}" for _, b, s in shapes], fontsize=8)
             ax.set_yscale("log", base=2)
-            ax.yaxis.set_major_locator(ticker.LogLocator(base=2, subs=(1.0, 1.5)))
+            ax.yaxis.set_major_locator(ticker.FixedLocator(SPEEDUP_TICKS))
             ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%gx"))
             ax.yaxis.set_minor_locator(ticker.NullLocator())
             ax.grid(True, which="both", alpha=0.3)
             ax.set_title(f"{workload} {dtype}, fill: {fill}", fontsize=9)
             if col == 0:
                 ax.set_ylabel("speedup over HF SDPA")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend = {}
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    labels, handles = list(legend), list(legend.values())
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
     run = document["run"]
     fig.suptitle(f"{run['device_name']}, {run['num_threads']} threads, run {run['name']} "

@@ -15,7 +15,8 @@ with the reason, one whose build raises as ``failed``. Then for each (batch, seq
    of load from elsewhere, see :meth:`Runner.timed_rounds`).
 
 HF SDPA, the baseline of every speedup, always runs. ``tokens_per_s`` counts real (non-pad)
-tokens, the work a user asked for. Records go to ``<out>/<run>.json``;
+tokens, the work a user asked for. ``load_avg`` (the 1-minute load average when the timing
+ended; this process adds about its thread count) tells a measurement taken on a busy machine. Records go to ``<out>/<run>.json``;
 ``python -m benchmarks.report <out>`` renders the markdown summary and the plot.
 """
 
@@ -27,6 +28,7 @@ import datetime
 import functools
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -158,7 +160,7 @@ class Runner:
         row = {
             "run": self.o.run_name, "status": "ok", "reason": None, "batch": None, "seq_len": None, "fill": None,
             "mean_fill": None, "tokens": None, "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": None,
-            "attempts": None, "build_s": None, "first_call_ms": None, "tokens_per_s": None, "speedup_vs_hf_sdpa": None,
+            "attempts": None, "load_avg": None, "build_s": None, "first_call_ms": None, "tokens_per_s": None, "speedup_vs_hf_sdpa": None,
             "max_abs_err": None, "tolerance": None, "peak_mem_mb": None, "cuda_graph": False, "detail": None, **fields, **self.env,
             "timestamp": self.started,
         }
@@ -250,10 +252,12 @@ class Runner:
             peak = timing.peak_memory_mb(calls[impl], device)
             row["peak_mem_mb"] = peak if PEERS[impl.removesuffix("+cudagraph")].memory_visible else None
         samples, attempts = self.timed_rounds(calls)
+        load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
         base = samples.get(BASELINE)
         base_ms = timing.summary(base)["median_ms"] if base else None
         for impl, row in rows.items():
-            row.update(timing.summary(samples[impl]), reps=len(samples[impl]), attempts=attempts, tolerance=tolerance)
+            row.update(timing.summary(samples[impl]), reps=len(samples[impl]), attempts=attempts, tolerance=tolerance,
+                       load_avg=load)
             row["tokens_per_s"] = tokens / row["median_ms"] * 1e3
             row["speedup_vs_hf_sdpa"] = base_ms / row["median_ms"] if base_ms else None
             if not row["max_abs_err"] <= tolerance:  # NaN counts as wrong
