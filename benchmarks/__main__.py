@@ -5,6 +5,8 @@
     python -m benchmarks --impl fastbert-torch,hf-eager --workload minilm --shapes 8x128 --fills skewed
     python -m benchmarks --kernels --device cuda  # each op against its PyTorch equivalent
     python -m benchmarks.report benchmarks/results/cpu   # summary.md and plots from the JSON
+
+The exit status is 1 when some implementation's output was flagged wrong.
 """
 
 from __future__ import annotations
