@@ -1,6 +1,6 @@
 """``python -m benchmarks``: fastbert against its peers on BERT workloads (``--kernels``: op microbenchmarks).
 
-    python -m benchmarks --quick                  # MiniLM + a small BERT-base shape, about 1-3 minutes on 2 cores
+    python -m benchmarks --quick                  # MiniLM + a small BERT-base shape: 20 s on 2 idle cores, < 3 min busy
     python -m benchmarks                          # the full grid for the device
     python -m benchmarks --impl fastbert-torch,hf-eager --workload minilm --shapes 8x128 --fills skewed
     python -m benchmarks --kernels --device cuda  # each op against its PyTorch equivalent
