@@ -16,8 +16,9 @@ with the reason, one whose build raises as ``failed``. Then for each (batch, seq
 
 HF SDPA, the baseline of every speedup, always runs. ``tokens_per_s`` counts real (non-pad)
 tokens, the work a user asked for. ``load_avg`` (the 1-minute load average when the timing
-ended; this process adds about its thread count) tells a measurement taken on a busy machine. Records go to ``<out>/<run>.json``;
-``python -m benchmarks.report <out>`` renders the markdown summary and the plot.
+ended; this process adds about its thread count) tells a measurement taken on a busy machine.
+Records go to ``<out>/<run>.json``; ``python -m benchmarks.report <out>`` renders the markdown
+summary and the plot.
 """
 
 from __future__ import annotations
@@ -160,9 +161,9 @@ class Runner:
         row = {
             "run": self.o.run_name, "status": "ok", "reason": None, "batch": None, "seq_len": None, "fill": None,
             "mean_fill": None, "tokens": None, "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": None,
-            "attempts": None, "load_avg": None, "build_s": None, "first_call_ms": None, "tokens_per_s": None, "speedup_vs_hf_sdpa": None,
-            "max_abs_err": None, "tolerance": None, "peak_mem_mb": None, "cuda_graph": False, "detail": None, **fields, **self.env,
-            "timestamp": self.started,
+            "attempts": None, "load_avg": None, "build_s": None, "first_call_ms": None, "tokens_per_s": None,
+            "speedup_vs_hf_sdpa": None, "max_abs_err": None, "tolerance": None, "peak_mem_mb": None,
+            "cuda_graph": False, "detail": None, **fields, **self.env, "timestamp": self.started,
         }
         self.records.append(row)
         return row
