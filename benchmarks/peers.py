@@ -1,0 +1,214 @@
+"""The implementations the benchmarks compare, each built from the same fp32 HF model.
+
+A peer's ``build(model, device, dtype)`` returns a function ``run(input_ids, attention_mask)``
+giving the last hidden state ``[batch, seq_len, hidden]``, or raises :class:`Unavailable` when
+it cannot run here (wrong device, extension not built); any other exception is a failure,
+reported with its message. ``run.detail``, when set, says what exactly runs (which fastbert
+ops fell back to another backend, which ops ONNX Runtime's optimizer fused). Only valid tokens
+of the output are compared: pad positions differ between peers (fastbert and the nested-tensor
+path give zeros there, HF gives values).
+
+Peers that keep HF modules share the weight tensors of one converted model (no copies);
+``fastbert.optimize`` patches the model it is given, so each fastbert backend gets a full copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import fastbert
+from fastbert import backends
+
+Run = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+class Unavailable(RuntimeError):
+    """The implementation cannot run on this device or build; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    name: str
+    build: Callable[[nn.Module, torch.device, torch.dtype], Run]
+    graphable: bool = False  # on CUDA, also timed replayed from a CUDA graph where capture succeeds
+    memory_visible: bool = True  # False: it allocates from its own pool, kept between calls
+
+
+def share_weights(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree and config that shares its parameter and buffer tensors."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def hf_module(model: nn.Module, attn_implementation: str) -> nn.Module:
+    """``model`` (weights shared) running HF's ``"eager"`` or ``"sdpa"`` attention."""
+    clone = share_weights(model)
+    clone.config._attn_implementation = attn_implementation
+    return clone
+
+
+def _hidden(module: nn.Module) -> Run:
+    def run(input_ids, attention_mask):
+        return module(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    return run
+
+
+def _hf(attn_implementation: str):
+    def build(model, device, dtype):
+        return _hidden(hf_module(model, attn_implementation))
+
+    return build
+
+
+def _compiled(model, device, dtype):
+    # One graph per shape (dynamic=False): allow every shape of a grid without hitting the limit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(_hidden(hf_module(model, "sdpa")), dynamic=False)
+
+
+def _fastbert(backend: str):
+    def build(model, device, dtype):
+        if backend == "triton" and device.type == "cpu":
+            raise Unavailable("Triton runs on CPU only in its interpreter, a correctness tool that is not benchmarked")
+        try:
+            backends.load(backend, device.type)
+        except backends.BackendUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        # optimize() patches the instance and may prepare weights for its backend: a full copy.
+        run = _hidden(fastbert.optimize(copy.deepcopy(model), backend=backend))
+        moved = [f"{op}={b}" for op, b in backends.plan(device, backend).items() if b != backend]
+        run.detail = "ops on fallback backends: " + ", ".join(moved) if moved else None
+        return run
+
+    return build
+
+
+def nested_encoder(model: nn.Module) -> nn.TransformerEncoder:
+    """PyTorch's ``nn.TransformerEncoder`` holding the weights of an HF BERT encoder."""
+    c = model.config
+    if c.hidden_act != "gelu":
+        raise Unavailable(f"nn.TransformerEncoderLayer has exact GELU only; the model uses {c.hidden_act!r}")
+    layer = nn.TransformerEncoderLayer(
+        c.hidden_size, c.num_attention_heads, c.intermediate_size, dropout=0.0, activation="gelu",
+        layer_norm_eps=c.layer_norm_eps, batch_first=True, norm_first=False,
+    )
+    encoder = nn.TransformerEncoder(layer, c.num_hidden_layers, enable_nested_tensor=True)
+    with torch.no_grad():
+        for ours, theirs in zip(encoder.layers, model.encoder.layer):
+            attn = theirs.attention
+            q, k, v = attn.self.query, attn.self.key, attn.self.value
+            ours.self_attn.in_proj_weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            ours.self_attn.in_proj_bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+            ours.self_attn.out_proj.load_state_dict(attn.output.dense.state_dict())
+            ours.norm1.load_state_dict(attn.output.LayerNorm.state_dict())
+            ours.linear1.load_state_dict(theirs.intermediate.dense.state_dict())
+            ours.linear2.load_state_dict(theirs.output.dense.state_dict())
+            ours.norm2.load_state_dict(theirs.output.LayerNorm.state_dict())
+    return encoder.to(model.device, model.dtype).eval()
+
+
+def _nested(model, device, dtype):
+    encoder = nested_encoder(model)
+    if not encoder.use_nested_tensor:
+        raise RuntimeError("nn.TransformerEncoder refused the nested-tensor fast path for this config")
+    embeddings = model.embeddings
+
+    def run(input_ids, attention_mask):
+        return encoder(embeddings(input_ids=input_ids), src_key_padding_mask=~attention_mask.bool())
+
+    return run
+
+
+def _weights_digest(model: nn.Module) -> str:
+    digest = hashlib.sha1(repr(sorted(model.config.to_dict().items())).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+class _LastHidden(nn.Module):
+    """``model(input_ids, attention_mask).last_hidden_state`` with a positional signature, for export."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def onnx_file(model: nn.Module) -> Path:
+    """Export ``model`` (fp32 CPU) once and run ORT's BERT optimizer on it; cached by weights."""
+    from onnxruntime.transformers import optimizer
+
+    path = CACHE / f"bert-{_weights_digest(model)}.opt.onnx"
+    if path.exists() and path.with_suffix(".json").exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    raw = path.with_name(path.name.replace(".opt.onnx", ".onnx"))
+    exported = _LastHidden(hf_module(model, "eager"))  # a copy: export may touch the module
+    ids = torch.ones(2, 8, dtype=torch.long)
+    axes = {0: "batch", 1: "seq"}
+    torch.onnx.export(
+        exported, (ids, torch.ones_like(ids)), str(raw), input_names=["input_ids", "attention_mask"],
+        output_names=["last_hidden_state"], dynamic_axes={"input_ids": axes, "attention_mask": axes,
+                                                          "last_hidden_state": axes},
+        opset_version=17, dynamo=False,
+    )
+    c = model.config
+    optimized = optimizer.optimize_model(str(raw), model_type="bert", num_heads=c.num_attention_heads,
+                                         hidden_size=c.hidden_size)
+    fused = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
+    path.with_suffix(".json").write_text(json.dumps(fused))
+    partial = path.with_suffix(".tmp")
+    optimized.save_model_to_file(str(partial))
+    os.replace(partial, path)
+    raw.unlink()
+    return path
+
+
+def _onnxruntime(model, device, dtype):
+    if device.type != "cpu":
+        raise Unavailable("ONNX Runtime is benchmarked on CPU only")
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    # Idle ORT threads would otherwise spin after each call, slowing whichever peer runs next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    path = onnx_file(model)
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(input_ids, attention_mask):
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        return torch.from_numpy(session.run(None, feeds)[0])
+
+    fused = json.loads(path.with_suffix(".json").read_text())
+    run.detail = "ORT optimizer fused: " + ", ".join(f"{op} {n}" for op, n in fused.items())
+    return run
+
+
+PEERS = {
+    p.name: p
+    for p in (
+        *(Peer(f"fastbert-{b}", _fastbert(b)) for b in backends.BACKENDS),
+        Peer("hf-eager", _hf("eager"), graphable=True),
+        Peer("hf-sdpa", _hf("sdpa"), graphable=True),
+        Peer("hf-sdpa-compile", _compiled, graphable=True),
+        Peer("nested-tensor", _nested),
+        Peer("onnxruntime", _onnxruntime, memory_visible=False),
+    )
+}
+BASELINE = "hf-sdpa"

@@ -1,0 +1,347 @@
+"""The model benchmark: every implementation on every workload, shape and fill, checked and timed.
+
+For each workload and dtype, every requested implementation is built once from the same fp32
+model (see :mod:`benchmarks.peers`); one that cannot run here is recorded as ``unavailable``
+with the reason, one whose build raises as ``failed``. Then for each (batch, seq_len, fill):
+
+1. the seeded batch runs through HF's eager model in fp32 (the reference, TF32 off);
+2. each implementation runs once (its first call, timed alone: compile or warm-up cost); an
+   exception records it as ``failed`` with the message; its maximum absolute error against the
+   reference over valid tokens is recorded, and it is flagged ``wrong`` when that error exceeds
+   ``TOLERANCE_FACTOR x`` the error of HF SDPA in the same dtype plus ``FLOOR[dtype]``;
+3. on CUDA, a CUDA-graph replay variant is added for each implementation that can be captured;
+4. each runs once more, measuring peak memory (and warming up), then all of them (wrong ones
+   included, flagged) are timed in interleaved rounds (repeated when the spread shows a burst
+   of load from elsewhere, see :meth:`Runner.timed_rounds`).
+
+HF SDPA, the baseline of every speedup, always runs. ``tokens_per_s`` counts real (non-pad)
+tokens, the work a user asked for. ``load_avg`` (the 1-minute load average when the timing
+ended; this process adds about its thread count) tells a measurement taken on a busy machine.
+Records go to ``<out>/<run>.json``; ``python -m benchmarks.report <out>`` renders the markdown
+summary and the plot.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import fastbert
+from benchmarks import report, timing
+from benchmarks.peers import BASELINE, PEERS, Unavailable, hf_module
+from benchmarks.workloads import FILLS, WORKLOADS, make_inputs, shapes_for
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+TOLERANCE_FACTOR = 4.0
+FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}
+DEFAULT_IMPLS = {
+    "cpu": ("fastbert-cpp", "fastbert-torch", "fastbert-triton", "hf-eager", "hf-sdpa", "hf-sdpa-compile",
+            "nested-tensor", "onnxruntime"),
+    "cuda": ("fastbert-triton", "fastbert-cuda", "fastbert-torch", "hf-eager", "hf-sdpa", "hf-sdpa-compile",
+             "nested-tensor", "onnxruntime"),
+}
+# --quick (3 minutes at most on 2 busy cores) leaves out the peers that spend most of that
+# compiling or exporting, and HF eager (HF SDPA is the baseline).
+QUICK_SKIPS = ("hf-sdpa-compile", "onnxruntime", "hf-eager")
+PACKAGES = ("torch", "transformers", "triton", "onnxruntime", "sentence-transformers", "numpy")
+# Warnings every run would repeat; what they say is in the records (unavailable backends) or
+# irrelevant to timing (ONNX export tracing, nested tensors being a prototype API).
+QUIET = (
+    "fastbert: backend .* unavailable",
+    "The PyTorch API of nested tensors is in prototype stage",
+    "enable_nested_tensor is True",
+    "Converting a tensor to a Python boolean might cause the trace to be incorrect",
+    "Exporting aten::index operator",
+)
+
+
+@dataclasses.dataclass
+class Options:
+    device: torch.device
+    quick: bool
+    impls: tuple[str, ...]
+    workloads: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    out: Path
+    run_name: str
+    shapes: tuple[tuple[int, int], ...] | None = None  # None: each workload's grid for the device
+    fills: tuple[str, ...] = FILLS
+    min_reps: int = 5
+    max_reps: int = 50
+    budget_s: float = 6.0  # timed rounds per measurement: about this long, within [min_reps, max_reps]
+    attempts: int = 3  # timed-round attempts at most, while the spread stays above max_spread
+    max_spread: float = 1.25
+
+
+def default_impls(device: torch.device, quick: bool) -> tuple[str, ...]:
+    impls = DEFAULT_IMPLS[device.type]
+    return tuple(i for i in impls if i not in QUICK_SKIPS) if quick else impls
+
+
+def environment(device: torch.device) -> dict:
+    """What produced the numbers: machine, threads, package versions, commit."""
+    versions = {"python": platform.python_version(), "fastbert": fastbert.__version__}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    cpu_model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu_model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                          if line.startswith("model name")), cpu_model)
+    return {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
+        "cpu_model": cpu_model,
+        "num_threads": torch.get_num_threads(),
+        "versions": versions,
+        "commit": _commit(),
+    }
+
+
+def _commit() -> str | None:
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+        return git("rev-parse", "--short=12", "HEAD").strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def device_folder(device: torch.device) -> str:
+    """``cpu``, or ``cuda-<gpu name>`` so results of different GPUs do not mix."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device).lower()
+    return "cuda-" + "-".join("".join(c if c.isalnum() else " " for c in name).split())
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class Runner:
+    def __init__(self, options: Options):
+        self.o = options
+        self.env = environment(options.device)
+        self.records: list[dict] = []
+        self.build_s: dict[str, float] = {}  # per implementation, for the current workload and dtype
+        self.started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    def record(self, **fields) -> dict:
+        row = {
+            "run": self.o.run_name, "status": "ok", "reason": None, "batch": None, "seq_len": None, "fill": None,
+            "mean_fill": None, "tokens": None, "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": None,
+            "attempts": None, "load_avg": None, "build_s": None, "first_call_ms": None, "tokens_per_s": None,
+            "speedup_vs_hf_sdpa": None, "max_abs_err": None, "tolerance": None, "peak_mem_mb": None,
+            "cuda_graph": False, "detail": None, **fields, **self.env, "timestamp": self.started,
+        }
+        self.records.append(row)
+        return row
+
+    # ------------------------------------------------------------------------------ the loops
+    def run(self) -> list[dict]:
+        _progress(f"fastbert benchmarks ({self.o.run_name}) on {self.env['device_name']}, "
+                  f"{self.env['num_threads']} threads, commit {self.env['commit']}")
+        if self.o.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference is true fp32
+        # no_grad, as users run inference (HF's docs); models are built inside it too.
+        with torch.no_grad(), warnings.catch_warnings():
+            for message in QUIET:
+                warnings.filterwarnings("ignore", message=message)
+            for name in self.o.workloads:
+                self.workload(name)
+        return self.records
+
+    def workload(self, name: str) -> None:
+        device = self.o.device
+        workload = WORKLOADS[name]
+        try:
+            model = workload.build().to(device)
+        except Exception as exc:  # e.g. the checkpoint package is not installed
+            self.record(impl="(all)", workload=name, dtype=None, status="failed", reason=f"loading: {_reason(exc)}")
+            _progress(f"  {name}: FAILED to load: {_reason(exc)}")
+            return
+        reference = hf_module(model, "eager")
+        shapes = self.o.shapes or shapes_for(workload, device.type, self.o.quick)
+        shapes = [s for s in shapes if s[1] <= model.config.max_position_embeddings]
+        for dtype in self.o.dtypes:
+            # A real copy: converting a weight-sharing one would convert the reference's weights too.
+            converted = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+            runs = self.build(name, converted, dtype)
+            for batch, seq_len in shapes:
+                for fill in self.o.fills:
+                    self.measure(name, reference, runs, dtype, batch, seq_len, fill, model.config.vocab_size)
+            del runs, converted
+
+    def build(self, workload: str, model: torch.nn.Module, dtype: torch.dtype) -> dict:
+        device = self.o.device
+        runs = {}
+        for impl in dict.fromkeys((BASELINE, *self.o.impls)):
+            common = dict(impl=impl, workload=workload, dtype=str(dtype).removeprefix("torch."))
+            start = time.perf_counter()
+            try:
+                runs[impl] = PEERS[impl].build(model, device, dtype)
+                self.build_s[impl] = time.perf_counter() - start
+            except Unavailable as exc:
+                self.record(**common, status="unavailable", reason=str(exc))
+                _progress(f"  {workload} {common['dtype']}: {impl} unavailable: {exc}")
+            except Exception as exc:  # a peer that breaks is reported, never dropped
+                self.record(**common, status="failed", reason=f"build: {_reason(exc)}")
+                _progress(f"  {workload} {common['dtype']}: {impl} FAILED to build: {_reason(exc)}")
+        return runs
+
+    def measure(self, workload, reference, runs, dtype, batch, seq_len, fill, vocab_size) -> None:
+        device = self.o.device
+        input_ids, mask = (t.to(device) for t in make_inputs(workload, vocab_size, batch, seq_len, fill))
+        valid = mask.bool()
+        tokens = int(valid.sum())
+        common = dict(workload=workload, dtype=str(dtype).removeprefix("torch."), batch=batch, seq_len=seq_len,
+                      fill=fill, mean_fill=round(tokens / (batch * seq_len), 4), tokens=tokens)
+        expected = reference(input_ids=input_ids, attention_mask=mask).last_hidden_state[valid].double()
+        started = time.perf_counter()
+
+        calls, rows = {}, {}
+        for impl, run in runs.items():
+            call = functools.partial(run, input_ids, mask)
+            first = time.perf_counter()
+            try:
+                out = call()
+                _sync(device)
+            except Exception as exc:
+                self.record(**common, impl=impl, status="failed", reason=f"run: {_reason(exc)}")
+                continue
+            first_ms = (time.perf_counter() - first) * 1e3
+            calls[impl] = call
+            rows[impl] = dict(impl=impl, build_s=self.build_s[impl], first_call_ms=first_ms,
+                              max_abs_err=_error(out, valid, expected), detail=getattr(run, "detail", None))
+        if device.type == "cuda":
+            self.add_graphs(calls, rows, common, valid, expected)
+
+        baseline_err = rows.get(BASELINE, {}).get("max_abs_err")
+        tolerance = TOLERANCE_FACTOR * (baseline_err or 0.0) + FLOOR[dtype]
+        for impl, row in rows.items():  # the peak-memory call doubles as the warm-up call
+            peak = timing.peak_memory_mb(calls[impl], device)
+            row["peak_mem_mb"] = peak if PEERS[impl.removesuffix("+cudagraph")].memory_visible else None
+        samples, attempts = self.timed_rounds(calls)
+        load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+        base = samples.get(BASELINE)
+        base_ms = timing.summary(base)["median_ms"] if base else None
+        for impl, row in rows.items():
+            row.update(timing.summary(samples[impl]), reps=len(samples[impl]), attempts=attempts, tolerance=tolerance,
+                       load_avg=load)
+            row["tokens_per_s"] = tokens / row["median_ms"] * 1e3
+            row["speedup_vs_hf_sdpa"] = base_ms / row["median_ms"] if base_ms else None
+            if not row["max_abs_err"] <= tolerance:  # NaN counts as wrong
+                row.update(status="wrong", reason=f"max abs error {row['max_abs_err']:.2e} > tolerance {tolerance:.2e}")
+            self.record(**common, **row)
+        self.progress(common, time.perf_counter() - started)
+        self.write(finished=False)
+
+    def timed_rounds(self, calls: dict) -> tuple[dict[str, list[float]], int]:
+        """Interleaved samples; repeated (up to ``attempts`` times) while some implementation's
+        p80/p20 exceeds ``max_spread``, keeping the steadiest attempt: a burst of load from other
+        processes on a shared machine spoils one attempt, rarely all of them."""
+        o = self.o
+        best, attempts = {}, 0
+        for attempts in range(1, o.attempts + 1):
+            samples = timing.interleaved(calls, o.device, o.min_reps, o.max_reps, o.budget_s)
+            if not best or timing.spread(samples) < timing.spread(best):
+                best = samples
+            if timing.spread(best) <= o.max_spread:
+                break
+        return best, attempts
+
+    def add_graphs(self, calls, rows, common, valid, expected) -> None:
+        """CUDA-graph replay variants of the implementations whose forward can be captured."""
+        for impl in [i for i in calls if PEERS[i].graphable]:
+            name = f"{impl}+cudagraph"
+            try:
+                replay = timing.cuda_graphed(calls[impl])
+                out = replay()
+                torch.cuda.synchronize()
+            except Exception as exc:
+                self.record(**common, impl=name, cuda_graph=True, status="failed", reason=f"capture: {_reason(exc)}")
+                continue
+            calls[name] = replay
+            rows[name] = dict(impl=name, cuda_graph=True, max_abs_err=_error(out, valid, expected))
+
+    def progress(self, common: dict, seconds: float) -> None:
+        mine = [r for r in self.records if all(r.get(k) == v for k, v in common.items())]
+        cells = []
+        for r in mine:
+            if r["status"] in ("ok", "wrong"):
+                speed = f" {r['speedup_vs_hf_sdpa']:.2f}x" if r["speedup_vs_hf_sdpa"] else ""
+                flag = " WRONG" if r["status"] == "wrong" else ""
+                cells.append(f"{r['impl']} {r['median_ms']:.1f}ms{speed}{flag}")
+            else:
+                cells.append(f"{r['impl']} FAILED")
+        _progress(f"  {common['workload']} {common['dtype']} {common['batch']}x{common['seq_len']} {common['fill']} "
+                  f"(fill {common['mean_fill']:.2f}) [{seconds:.0f}s]: " + " | ".join(cells))
+
+    # ------------------------------------------------------------------------------ output
+    def write(self, finished: bool) -> Path:
+        """Write the records so far; the runner calls this after every measurement, so an
+        interrupted run keeps what it measured (``finished`` is then null in the file)."""
+        self.o.out.mkdir(parents=True, exist_ok=True)
+        path = self.o.out / f"{self.o.run_name}.json"
+        options = {"quick": self.o.quick, "impls": list(self.o.impls), "workloads": list(self.o.workloads),
+                   "dtypes": [str(d).removeprefix("torch.") for d in self.o.dtypes], "fills": list(self.o.fills),
+                   "shapes": self.o.shapes and [list(s) for s in self.o.shapes], "budget_s": self.o.budget_s,
+                   "min_reps": self.o.min_reps, "max_reps": self.o.max_reps, "attempts": self.o.attempts,
+                   "max_spread": self.o.max_spread}
+        done = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds") if finished else None
+        document = {"run": {"name": self.o.run_name, "started": self.started, "finished": done, **self.env,
+                            "options": options},
+                    "records": self.records}
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(document, indent=1) + "\n")
+        partial.replace(path)
+        return path
+
+
+def _error(out: torch.Tensor, valid: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max |out - reference| over valid tokens (NaN when the output is not finite there)."""
+    got = out[valid].double()
+    if got.shape != expected.shape:
+        return float("nan")
+    return float((got - expected).abs().max()) if got.numel() else 0.0
+
+
+def main(options: Options) -> list[dict]:
+    runner = Runner(options)
+    runner.run()
+    path = runner.write(finished=True)
+    print(report.run_table(runner.records))
+    _progress(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}; "
+              f"render the summary and plot with: python -m benchmarks.report {path.parent}")
+    return runner.records

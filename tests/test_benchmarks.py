@@ -1,0 +1,195 @@
+"""The benchmark runner: correctness flagging, failure reporting, the JSON records, rendering.
+
+Everything runs on the ``tiny`` workload (2 layers, hidden 64) with a short timing budget.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import __main__ as cli
+from benchmarks import report, runner, timing, workloads
+from benchmarks.peers import PEERS, Peer, Unavailable, nested_encoder
+
+RECORD_KEYS = {
+    "impl", "status", "reason", "workload", "device", "device_name", "dtype", "batch", "seq_len", "fill", "mean_fill",
+    "tokens", "median_ms", "p20_ms", "p80_ms", "reps", "first_call_ms", "tokens_per_s", "speedup_vs_hf_sdpa",
+    "max_abs_err", "tolerance", "peak_mem_mb", "cuda_graph", "num_threads", "cpu_model", "versions", "commit",
+}
+
+
+def _options(tmp_path: Path, impls: tuple[str, ...], fills=("full", "skewed")) -> runner.Options:
+    return runner.Options(device=torch.device("cpu"), quick=False, impls=impls, workloads=("tiny",),
+                          dtypes=(torch.float32,), out=tmp_path, run_name="test", shapes=((3, 24),), fills=fills,
+                          min_reps=2, max_reps=3, budget_s=0.0)
+
+
+def _by_impl(records: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for r in records:
+        grouped.setdefault(r["impl"], []).append(r)
+    return grouped
+
+
+def _sdpa_plus(delta: float):
+    def build(model, device, dtype):
+        run = PEERS["hf-sdpa"].build(model, device, dtype)
+        return lambda ids, mask: run(ids, mask) + delta
+
+    return build
+
+
+def test_wrong_implementation_is_flagged(tmp_path, monkeypatch):
+    monkeypatch.setitem(PEERS, "off-by-1e-2", Peer("off-by-1e-2", _sdpa_plus(1e-2)))
+    monkeypatch.setitem(PEERS, "nan", Peer("nan", _sdpa_plus(float("nan"))))
+    records = runner.Runner(_options(tmp_path, ("off-by-1e-2", "nan", "hf-eager"))).run()
+    grouped = _by_impl(records)
+    for impl in ("off-by-1e-2", "nan"):
+        assert [r["status"] for r in grouped[impl]] == ["wrong", "wrong"]
+        assert all("tolerance" in r["reason"] and r["median_ms"] > 0 for r in grouped[impl])  # flagged, still timed
+    assert [r["max_abs_err"] for r in grouped["off-by-1e-2"]] == pytest.approx([1e-2, 1e-2], rel=1e-3)
+    assert [r["status"] for r in grouped["hf-eager"] + grouped["hf-sdpa"]] == ["ok"] * 4
+    assert "WRONG" in report.run_table(records)
+
+
+def test_failing_and_unavailable_peers_are_reported_with_reason(tmp_path, monkeypatch):
+    def broken_build(model, device, dtype):
+        raise RuntimeError("cannot build this peer")
+
+    def missing_build(model, device, dtype):
+        raise Unavailable("needs hardware this machine lacks")
+
+    def broken_run(model, device, dtype):
+        def run(ids, mask):
+            if ids.shape[1] > 8:
+                raise ValueError("sequence too long for this peer")
+            return ids
+
+        return run
+
+    monkeypatch.setitem(PEERS, "broken-build", Peer("broken-build", broken_build))
+    monkeypatch.setitem(PEERS, "missing", Peer("missing", missing_build))
+    monkeypatch.setitem(PEERS, "broken-run", Peer("broken-run", broken_run))
+    records = runner.Runner(_options(tmp_path, ("broken-build", "missing", "broken-run"), fills=("full",))).run()
+    grouped = _by_impl(records)
+    assert [(r["status"], r["reason"]) for r in grouped["broken-build"]] == [
+        ("failed", "build: RuntimeError: cannot build this peer")]
+    assert [(r["status"], r["reason"]) for r in grouped["missing"]] == [
+        ("unavailable", "needs hardware this machine lacks")]
+    assert [(r["status"], r["reason"], r["seq_len"]) for r in grouped["broken-run"]] == [
+        ("failed", "run: ValueError: sequence too long for this peer", 24)]
+    assert grouped["hf-sdpa"][0]["status"] == "ok"
+    table = report.run_table(records)
+    for reason in ("cannot build this peer", "needs hardware this machine lacks", "sequence too long for this peer"):
+        assert reason in table
+
+
+def test_workload_that_cannot_load_is_reported(tmp_path, monkeypatch):
+    def missing_checkpoint():
+        raise FileNotFoundError("checkpoint folder not found")
+
+    broken = workloads.Workload("broken", "cannot load", missing_checkpoint, cpu_shapes=((1, 8),))
+    monkeypatch.setitem(workloads.WORKLOADS, "broken", broken)
+    options = _options(tmp_path, ("hf-eager",), fills=("full",))
+    options.workloads = ("broken", "tiny")
+    records = runner.Runner(options).run()
+    assert (records[0]["workload"], records[0]["status"]) == ("broken", "failed")
+    assert "checkpoint folder not found" in report.run_table(records)
+    assert {r["status"] for r in records if r["workload"] == "tiny"} == {"ok"}  # the run goes on
+
+
+def test_end_to_end_json_and_report(tmp_path):
+    impls = "fastbert-torch,fastbert-cpp,fastbert-triton,hf-eager,nested-tensor"
+    status = cli.main(["--device", "cpu", "--workload", "tiny", "--impl", impls, "--shapes", "2x16,3x33",
+                       "--fills", "full,uniform", "--budget", "0", "--out", str(tmp_path)])
+    assert status == 0
+    document = json.loads((tmp_path / "partial.json").read_text())
+    records = document["records"]
+    assert document["run"]["finished"] and not list(tmp_path.glob("*.tmp"))
+    for r in records:
+        assert RECORD_KEYS <= r.keys(), RECORD_KEYS - r.keys()
+        assert r["device"] == "cpu" and r["dtype"] == "float32" and r["commit"] and r["versions"]["torch"]
+    measured = [r for r in records if r["status"] == "ok"]
+    per_impl = _by_impl(measured)
+    assert {"fastbert-torch", "hf-eager", "nested-tensor", "hf-sdpa"} <= per_impl.keys()
+    assert {len(rs) for rs in per_impl.values()} == {4}  # 2 shapes x 2 fills
+    for r in measured:
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["reps"] >= 5
+        assert r["tokens"] == round(r["mean_fill"] * r["batch"] * r["seq_len"])
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["median_ms"] * 1e3)
+        assert r["max_abs_err"] <= r["tolerance"] and r["peak_mem_mb"] is not None
+        if r["impl"] == "hf-sdpa":
+            assert r["speedup_vs_hf_sdpa"] == 1.0
+    assert {r["mean_fill"] for r in measured if r["fill"] == "full"} == {1.0}
+    # The triton interpreter is never benchmarked; the extension is reported whether built or not.
+    statuses = {r["impl"]: r["status"] for r in records}
+    assert statuses["fastbert-triton"] == "unavailable"
+    assert statuses["fastbert-cpp"] in ("ok", "unavailable")
+
+    written = report.render(tmp_path)
+    assert (tmp_path / "summary.md") in written
+    if importlib.util.find_spec("matplotlib"):  # optional: the summary is written without it
+        assert (tmp_path / "partial.png").stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| tiny | float32 | 3x33 | uniform" in summary and "fastbert-triton" in summary
+
+
+def test_fills_are_seeded_and_shaped():
+    for fill, (low, high) in {"full": (1.0, 1.0), "uniform": (0.4, 0.6), "skewed": (0.2, 0.4)}.items():
+        ids, mask = workloads.make_inputs("w", 1000, 64, 128, fill)
+        again, _ = workloads.make_inputs("w", 1000, 64, 128, fill)
+        assert torch.equal(ids, again) and ids.max() < 1000
+        assert low <= mask.float().mean() <= high, fill
+        lengths = mask.sum(1)
+        assert lengths.min() >= 1 and torch.equal(mask, (torch.arange(128) < lengths[:, None]).long())
+        assert (ids[mask == 0] == 0).all()
+    assert np.mean(workloads.lengths(1000, 100, "skewed", 1)) < np.median(workloads.lengths(1000, 100, "uniform", 1))
+
+
+def test_nested_encoder_matches_hf():
+    model = workloads.WORKLOADS["tiny"].build()
+    ids, mask = workloads.make_inputs("tiny", 1000, 3, 20, "uniform")
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = nested_encoder(model)(model.embeddings(input_ids=ids), src_key_padding_mask=~mask.bool())
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_quick_mode_covers_minilm_and_bert_base():
+    quick = {w.name for w in workloads.WORKLOADS.values() if w.quick_shapes}
+    assert {"minilm", "bert-base"} <= quick
+    assert "hf-sdpa-compile" not in runner.default_impls(torch.device("cpu"), quick=True)
+
+
+def test_kernels_mode_without_module(monkeypatch, capsys):
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    assert cli.main(["--kernels", "--device", "cpu"]) == 2
+    assert "kernel microbenchmarks not available" in capsys.readouterr().err
+
+
+def test_unavailable_backend_raises(tmp_path):
+    with pytest.raises(Unavailable, match="interpreter"):
+        PEERS["fastbert-triton"].build(workloads.WORKLOADS["tiny"].build(), torch.device("cpu"), torch.float32)
+
+
+def test_interleaved_rounds_time_every_call_equally():
+    calls_made = []
+    calls = {name: (lambda name=name: calls_made.append(name)) for name in "abc"}
+    samples = timing.interleaved(calls, torch.device("cpu"), min_reps=4, max_reps=6, budget_s=0.0)
+    assert {name: len(s) for name, s in samples.items()} == {"a": 4, "b": 4, "c": 4}
+    rounds = [tuple(calls_made[i:i + 3]) for i in range(0, 12, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds) and len(set(rounds)) > 1  # shuffled per round
+
+
+def test_noisy_attempt_is_repeated_and_steadiest_kept(tmp_path, monkeypatch):
+    attempts = iter([{"a": [1.0, 1.0, 5.0, 5.0, 9.0]}, {"a": [1.0, 1.1, 1.1, 1.2, 1.2]}])
+    monkeypatch.setattr(timing, "interleaved", lambda *args: next(attempts))
+    best, tries = runner.Runner(_options(tmp_path, ())).timed_rounds({"a": None})
+    assert tries == 2 and best == {"a": [1.0, 1.1, 1.1, 1.2, 1.2]}
