@@ -5,7 +5,7 @@
 #
 #   1. info        device, driver and library versions
 #   2. install     pip install --no-build-isolation --no-deps -e .  (no network needed); builds the
-#                  C++/CUDA extension for sm_90 (TORCH_CUDA_ARCH_LIST=9.0) when csrc/ exists
+#                  C++/CUDA extension for sm_90 (FASTBERT_CUDA_ARCH=9.0) when csrc/ exists
 #   3. extension   imports fastbert._C (only when csrc/ exists)
 #   4. tests       the whole pytest suite, on CUDA (bf16 and BERT-large sizes included)
 #   5. kernels-*   op microbenchmarks, fp16 (with the sweep of launch configs) and bf16, as JSON
@@ -26,7 +26,7 @@ mkdir -p "$1"
 RESULTS=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET  # kernels must compile for the GPU, not run in the interpreter
-export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-8} TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+export FASTBERT_CUDA_ARCH=${FASTBERT_CUDA_ARCH:-9.0} MAX_JOBS=${MAX_JOBS:-8} TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 PYTHON=${PYTHON:-python}
 STEPS=${STEPS:-all}
 STATUS=()
