@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../checks.h"
 #include "ops.h"
 #include "vec.h"
 
@@ -33,13 +34,6 @@ inline void normalize_row(const float* h, float h_sum, const T* gamma, const T* 
 }
 
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / (4 * H)); }
-
-void check_vector(const at::Tensor& t, const at::Tensor& like, int64_t H, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == H, "fastbert: ", name, " must have shape [", H,
-              "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastbert: ", name, " has dtype ",
-              t.scalar_type(), " but the input has ", like.scalar_type());
-}
 
 }  // namespace
 
@@ -94,20 +88,9 @@ at::Tensor embed_layernorm(const at::Tensor& input_ids, const at::Tensor& positi
                            const at::Tensor& token_type_embeddings, const at::Tensor& weight,
                            const at::Tensor& ln_bias, double eps) {
   const auto& words = word_embeddings;
-  TORCH_CHECK(words.dim() == 2, "fastbert: word_embeddings must be 2D, got ", words.sizes());
-  const int64_t H = words.size(1);
-  const int64_t T = input_ids.numel();
-  for (const auto* t : {&input_ids, &position_ids, &token_type_ids}) {
-    TORCH_CHECK(t->dim() == 1 && t->numel() == T, "fastbert: embed_layernorm needs ids of shape [",
-                T, "], got ", t->sizes());
-  }
-  for (const auto* t : {&position_embeddings, &token_type_embeddings}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(1) == H && t->scalar_type() == words.scalar_type(),
-                "fastbert: embedding tables must be [n, ", H, "] ", words.scalar_type(), ", got ",
-                t->sizes(), " ", t->scalar_type());
-  }
-  check_vector(weight, words, H, "weight");
-  check_vector(ln_bias, words, H, "ln_bias");
+  check_embed_args(input_ids, position_ids, token_type_ids, words, position_embeddings,
+                   token_type_embeddings, weight, ln_bias);
+  const int64_t H = words.size(1), T = input_ids.numel();
   auto ids = input_ids.to(at::kLong).contiguous();
   auto pos = position_ids.to(at::kLong).contiguous();
   auto tts = token_type_ids.to(at::kLong).contiguous();

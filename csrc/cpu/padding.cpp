@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../checks.h"
 #include "ops.h"
 
 namespace fastbert::cpu {
@@ -12,13 +13,6 @@ namespace {
 
 int64_t grain_rows(int64_t row_bytes) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE * 4 / std::max<int64_t>(row_bytes, 1));
-}
-
-at::Tensor long_indices(const at::Tensor& indices) {
-  TORCH_CHECK(indices.dim() == 1 && (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt),
-              "fastbert: indices must be a 1D int64 or int32 tensor, got ", indices.sizes(), " ",
-              indices.scalar_type());
-  return indices.to(at::kLong).contiguous();
 }
 
 }  // namespace

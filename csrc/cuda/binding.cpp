@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "../checks.h"
 #include "kernels.h"
 
 namespace fastbert::cuda {
@@ -30,19 +31,7 @@ void check_cuda(std::initializer_list<const at::Tensor*> tensors, const at::Tens
   }
 }
 
-void check_vector(const at::Tensor& t, const at::Tensor& like, int64_t n, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.scalar_type() == like.scalar_type(), "fastbert: ",
-              name, " must be [", n, "] ", like.scalar_type(), ", got ", t.sizes(), " ", t.scalar_type());
-}
-
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-at::Tensor long_indices(const at::Tensor& indices) {
-  TORCH_CHECK(indices.dim() == 1 && (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt),
-              "fastbert: indices must be a 1D int64 or int32 tensor, got ", indices.sizes(), " ",
-              indices.scalar_type());
-  return indices.to(at::kLong).contiguous();
-}
 
 }  // namespace
 
@@ -98,18 +87,9 @@ at::Tensor embed_layernorm(const at::Tensor& input_ids, const at::Tensor& positi
                            const at::Tensor& token_type_embeddings, const at::Tensor& weight,
                            const at::Tensor& ln_bias, double eps) {
   const auto& words = word_embeddings;
-  TORCH_CHECK(words.dim() == 2, "fastbert: word_embeddings must be 2D, got ", words.sizes());
+  check_embed_args(input_ids, position_ids, token_type_ids, words, position_embeddings,
+                   token_type_embeddings, weight, ln_bias);
   const int64_t H = words.size(1), T = input_ids.numel();
-  for (const auto* t : {&input_ids, &position_ids, &token_type_ids}) {
-    TORCH_CHECK(t->dim() == 1 && t->numel() == T, "fastbert: embed_layernorm needs ids of shape [",
-                T, "], got ", t->sizes());
-  }
-  for (const auto* t : {&position_embeddings, &token_type_embeddings}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(1) == H && t->scalar_type() == words.scalar_type(),
-                "fastbert: embedding tables must be [n, ", H, "] ", words.scalar_type());
-  }
-  check_vector(weight, words, H, "weight");
-  check_vector(ln_bias, words, H, "ln_bias");
   check_cuda({&input_ids, &position_ids, &token_type_ids, &position_embeddings, &token_type_embeddings,
               &weight, &ln_bias}, words);
   const c10::cuda::CUDAGuard guard(words.device());
