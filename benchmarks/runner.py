@@ -342,6 +342,6 @@ def main(options: Options) -> list[dict]:
     runner.run()
     path = runner.write(finished=True)
     print(report.run_table(runner.records))
-    _progress(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}; "
-              f"render the summary and plot with: python -m benchmarks.report {path.parent}")
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    _progress(f"wrote {shown}; render the summary and plot with: python -m benchmarks.report {shown.parent}")
     return runner.records
