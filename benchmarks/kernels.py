@@ -21,13 +21,13 @@ import json
 import math
 import platform
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import interleaved
 from fastbert import backends
 from fastbert.kernels.attention import Config as AttentionConfig
 from fastbert.kernels.linear_gelu import Config as LinearGeluConfig
@@ -48,25 +48,6 @@ SWEEP = {
 # ----------------------------------------------------------------------------- timing
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_once(fn: Callable[[], object], device: str) -> float:
-    """Seconds for one call (CUDA events on a GPU, a wall clock on CPU)."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
-    fn()
-    return time.perf_counter() - begin
-
-
 def extra_peak_bytes(fn: Callable[[], object], device: str) -> int | None:
     """Bytes one call allocates above what was allocated before it, at its peak (CUDA only)."""
     if device != "cuda":
@@ -84,12 +65,10 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], device: str, r
     for fn in candidates.values():  # warm-up: compilation, allocator, caches
         for _ in range(3):
             fn()
-    _sync(device)
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            samples[name].append(_time_once(fn, device))
-    return {name: statistics.median(s) for name, s in samples.items()}
+    if device == "cuda":
+        torch.cuda.synchronize()
+    samples = interleaved(candidates, torch.device(device), min_reps=rounds, max_reps=rounds, budget_s=0.0)
+    return {name: statistics.median(ms) / 1e3 for name, ms in samples.items()}
 
 
 # ----------------------------------------------------------------------------- ceilings
