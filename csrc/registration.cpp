@@ -7,12 +7,32 @@
 // ops, which carry the fakes. Importing the Python module fastbert._C loads this library,
 // which runs the registrations below.
 #include <Python.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <string_view>
 
 #include "cpu/ops.h"
 #ifdef FASTBERT_WITH_CUDA
 #include "cuda/binding.h"
 #endif
+
+namespace {
+
+// GELU(x Wᵀ + b): the GEMM stays with ATen (MKL / oneDNN on CPU, cuBLAS on CUDA), then the
+// device's fused bias+GELU pass runs in place over its output.
+template <void (*BiasGelu)(const at::Tensor&, const at::Tensor&, std::string_view)>
+at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       std::string_view approximate) {
+  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1),
+              "fastbert: linear_gelu needs x [..., K] and weight [F, K], got ", x.sizes(), " and ",
+              weight.sizes());
+  auto y = at::matmul(x, weight.t());
+  BiasGelu(y, bias, approximate);
+  return y;
+}
+
+}  // namespace
 
 #ifndef FASTBERT_CPU_ISA
 #define FASTBERT_CPU_ISA "default"
@@ -34,7 +54,7 @@ TORCH_LIBRARY_FRAGMENT(fastbert, m) {
 
 TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
   m.impl("ext_attention", &fastbert::cpu::attention);
-  m.impl("ext_linear_gelu", &fastbert::cpu::linear_gelu);
+  m.impl("ext_linear_gelu", &linear_gelu<fastbert::cpu::bias_gelu_>);
   m.impl("ext_bias_gelu_", &fastbert::cpu::bias_gelu_);
   m.impl("ext_add_layernorm", &fastbert::cpu::add_layernorm);
   m.impl("ext_embed_layernorm", &fastbert::cpu::embed_layernorm);
@@ -44,7 +64,7 @@ TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
 
 #ifdef FASTBERT_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
-  m.impl("ext_linear_gelu", &fastbert::cuda::linear_gelu);
+  m.impl("ext_linear_gelu", &linear_gelu<fastbert::cuda::bias_gelu_>);
   m.impl("ext_bias_gelu_", &fastbert::cuda::bias_gelu_);
   m.impl("ext_add_layernorm", &fastbert::cuda::add_layernorm);
   m.impl("ext_embed_layernorm", &fastbert::cuda::embed_layernorm);

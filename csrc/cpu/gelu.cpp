@@ -93,14 +93,4 @@ void bias_gelu_(const at::Tensor& y, const at::Tensor& bias, std::string_view ap
   });
 }
 
-at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                       std::string_view approximate) {
-  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1),
-              "fastbert: linear_gelu needs x [..., K] and weight [F, K], got ", x.sizes(), " and ",
-              weight.sizes());
-  auto y = at::matmul(x, weight.t());
-  bias_gelu_(y, bias, approximate);
-  return y;
-}
-
 }  // namespace fastbert::cpu

@@ -17,9 +17,6 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 void bias_gelu_(const at::Tensor& y, const at::Tensor& bias, std::string_view approximate);
 
-at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                       std::string_view approximate);
-
 at::Tensor add_layernorm(const at::Tensor& x, const at::Tensor& residual,
                          const std::optional<at::Tensor>& bias, const at::Tensor& weight,
                          const at::Tensor& ln_bias, double eps);

@@ -49,16 +49,6 @@ void bias_gelu_(const at::Tensor& y, const at::Tensor& bias, std::string_view ap
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                       std::string_view approximate) {
-  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1),
-              "fastbert: linear_gelu needs x [..., K] and weight [F, K], got ", x.sizes(), " and ",
-              weight.sizes());
-  auto y = at::matmul(x, weight.t());
-  bias_gelu_(y, bias, approximate);
-  return y;
-}
-
 at::Tensor add_layernorm(const at::Tensor& x, const at::Tensor& residual,
                          const std::optional<at::Tensor>& bias, const at::Tensor& weight,
                          const at::Tensor& ln_bias, double eps) {
