@@ -2,19 +2,24 @@
 //
 // q, k, v are [T, N, D] (any token and head strides, unit stride over D), sequence b owning
 // tokens [cu_seqlens[b], cu_seqlens[b + 1]). Work is split over (sequence, head) pairs with
-// at::parallel_for. Each pair transposes its keys once into fp32 scratch (and converts its
-// values, unless they are fp32 already), then runs blocks of kBlockQ queries, each walking
-// the keys in blocks of kBlockK with an online softmax (running max m and sum l per query
-// row), so no [S, S] score matrix is ever stored:
+// at::parallel_for. Each pair copies its keys (transposed, in panels) and values once into
+// fp32 scratch, then runs blocks of kBlockQ queries, each walking the keys in blocks of
+// kBlockK with an online softmax (running max m and sum l per query row), so no [S, S] score
+// matrix is ever stored:
 //
-//   S = (q * scale) Kᵀ        micro-kernel: kRows queries x kBlockK keys, broadcast-FMA over D
+//   S = (q * scale) Kᵀ
 //   S += bias; mask padding keys and, if causal, keys after the query
 //   m' = max(m, rowmax S);  P = exp(S - m');  l = l·exp(m - m') + rowsum P
-//   O = O·exp(m - m') + P V   micro-kernel: kRows queries x 4 vectors of D, each loaded
-//                             value vector shared by the kRows rows
+//   O = O·exp(m - m') + P V
 //
 // and finally out = O / l. A row whose keys are all masked keeps l = 0 and is written as
 // zeros, as the reference does.
+//
+// Both products run one micro-kernel, a register tile of kAccRegs accumulators (3/4 of the
+// vector registers: the rest hold loaded vectors), R rows by NV vectors with R = kAccRegs / NV
+// and compile-time trip counts, so the tile never leaves registers. As every tile height
+// divides kAccRegs, query blocks are processed in whole multiples of kAccRegs rows; rows past
+// the block's end hold zero queries and contribute nothing.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -29,12 +34,15 @@
 namespace fastbert::cpu {
 namespace {
 
-constexpr int64_t kBlockQ = 32;             // query rows per block
-constexpr int64_t kRows = 4;                // query rows per score micro-kernel call
-constexpr int64_t kKeyVecs = 4;             // vectors per key block row
-constexpr int64_t kBlockK = kKeyVecs * kVecSize;
+// 32 vector registers with AVX-512, 16 with AVX2 and narrower.
+constexpr int64_t kAccRegs = kVecSize >= 16 ? 24 : 12;
+constexpr int64_t kStripVecs = 4;                      // widest tile, in vectors
+constexpr int64_t kStrip = kStripVecs * kVecSize;      // columns of the widest tile
+constexpr int64_t kPanelK = kStrip;                    // keys per transposed-key panel
+constexpr int64_t kBlockK = 2 * kPanelK;               // keys per block: one softmax update each
+constexpr int64_t kBlockQ = 2 * kAccRegs;              // query rows per block
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-static_assert(kBlockQ % kRows == 0);
+static_assert(kBlockQ % kAccRegs == 0);
 
 struct Strides {
   int64_t token, head;
@@ -45,68 +53,69 @@ struct BiasView {  // additive fp32 bias [B, N, S, S] by strides (0 where broadc
   int64_t b = 0, n = 0, q = 0, k = 0;
 };
 
-// s[r][:] = sum_d q[r][d] * kt[d][:] for kRows query rows and kBlockK keys; kt is the
-// transposed key block, row stride ld.
-inline void score_tile(const float* q, int64_t D, const float* kt, int64_t ld, float* s) {
-  Vec acc[kRows][kKeyVecs];
-  for (auto& row : acc)
-    for (auto& a : row) a = Vec(0.f);
-  for (int64_t d = 0; d < D; ++d) {
-    Vec kv[kKeyVecs];
-    for (int64_t c = 0; c < kKeyVecs; ++c) kv[c] = Vec::loadu(kt + d * ld + c * kVecSize);
-    for (int64_t r = 0; r < kRows; ++r) {
-      const Vec qv(q[r * D + d]);
-      for (int64_t c = 0; c < kKeyVecs; ++c) acc[r][c] = at::vec::fmadd(qv, kv[c], acc[r][c]);
+// Both products are one register-tiled micro-kernel: for R = kAccRegs / NV rows,
+//   c[r][:NV vectors] = (c_scale ? c[r] * c_scale[r] : 0) + sum_k a[r][k] * b[k][:NV vectors]
+// a is row-major (row stride lda), b has row stride ldb. The tile stays in registers and each
+// loaded vector of b feeds R FMAs.
+template <int64_t NV>
+inline void gemm_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K,
+                      float* c, int64_t ldc, const float* c_scale) {
+  constexpr int64_t R = kAccRegs / NV;
+  Vec acc[R][NV];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < NV; ++i)
+      acc[r][i] = c_scale ? Vec::loadu(c + r * ldc + i * kVecSize) * Vec(c_scale[r]) : Vec(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    Vec bk[NV];
+    for (int64_t i = 0; i < NV; ++i) bk[i] = Vec::loadu(b + k * ldb + i * kVecSize);
+    for (int64_t r = 0; r < R; ++r) {
+      const Vec ar(a[r * lda + k]);
+      for (int64_t i = 0; i < NV; ++i) acc[r][i] = at::vec::fmadd(ar, bk[i], acc[r][i]);
     }
   }
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t c = 0; c < kKeyVecs; ++c) acc[r][c].store(s + r * kBlockK + c * kVecSize);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < NV; ++i) acc[r][i].store(c + r * ldc + i * kVecSize);
 }
 
-// o[r][:width] = o[r] * corr[r] + sum_j p[r][j] * v[j][:width] for kRows rows: each loaded
-// vector of v feeds kRows FMAs. kFull: width is exactly kChunk vectors (constant counts).
-constexpr int64_t kChunk = 4;
-template <bool kFull>
-inline void pv_tile(float* o, int64_t ldo, const float* corr, const float* p, int64_t keys,
-                    const float* v, int64_t v_stride, int64_t width) {
-  const int64_t nvec = kFull ? kChunk : (width + kVecSize - 1) / kVecSize;
-  auto count = [&](int64_t i) { return kFull ? kVecSize : std::min(kVecSize, width - i * kVecSize); };
-  Vec acc[kRows][kChunk];
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t i = 0; i < nvec; ++i)
-      acc[r][i] = Vec::loadu(o + r * ldo + i * kVecSize, count(i)) * Vec(corr[r]);
-  for (int64_t j = 0; j < keys; ++j) {
-    Vec vj[kChunk];
-    for (int64_t i = 0; i < nvec; ++i) vj[i] = Vec::loadu(v + j * v_stride + i * kVecSize, count(i));
-    for (int64_t r = 0; r < kRows; ++r) {
-      const Vec pj(p[r * kBlockK + j]);
-      for (int64_t i = 0; i < nvec; ++i) acc[r][i] = at::vec::fmadd(pj, vj[i], acc[r][i]);
-    }
-  }
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t i = 0; i < nvec; ++i) acc[r][i].store(o + r * ldo + i * kVecSize, count(i));
+template <int64_t NV>
+inline void gemm_tiles(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K,
+                       float* c, int64_t ldc, const float* c_scale, int64_t rows) {
+  constexpr int64_t R = kAccRegs / NV;
+  for (int64_t r = 0; r < rows; r += R)
+    gemm_tile<NV>(a + r * lda, lda, b, ldb, K, c + r * ldc, ldc, c_scale ? c_scale + r : nullptr);
 }
 
-inline void pv_rows(float* o, const float* corr, const float* p, int64_t keys, const float* v,
-                    int64_t v_stride, int64_t D) {
-  for (int64_t d0 = 0; d0 < D; d0 += kChunk * kVecSize) {
-    const int64_t width = std::min(kChunk * kVecSize, D - d0);
-    if (width == kChunk * kVecSize) {
-      pv_tile<true>(o + d0, D, corr, p, keys, v + d0, v_stride, width);
-    } else {
-      pv_tile<false>(o + d0, D, corr, p, keys, v + d0, v_stride, width);
+// gemm_tile over `rows` rows (a multiple of kAccRegs) and `width` columns (whole vectors), in
+// strips of up to kStripVecs vectors; strip j of b starts at b + j * b_strip.
+inline void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t b_strip,
+                      int64_t K, float* c, int64_t ldc, const float* c_scale, int64_t rows, int64_t width) {
+  for (int64_t j = 0; j * kStrip < width; ++j) {
+    const float* bj = b + j * b_strip;
+    float* cj = c + j * kStrip;
+    switch (std::min(kStripVecs, (width - j * kStrip) / kVecSize)) {
+      case 1: gemm_tiles<1>(a, lda, bj, ldb, K, cj, ldc, c_scale, rows); break;
+      case 2: gemm_tiles<2>(a, lda, bj, ldb, K, cj, ldc, c_scale, rows); break;
+      case 3: gemm_tiles<3>(a, lda, bj, ldb, K, cj, ldc, c_scale, rows); break;
+      default: gemm_tiles<4>(a, lda, bj, ldb, K, cj, ldc, c_scale, rows); break;
     }
   }
 }
+static_assert(kStripVecs == 4, "gemm_rows dispatches strips of 1 to 4 vectors");
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// Per-thread scratch, sized once per parallel chunk for the longest sequence.
+// Per-thread scratch, sized once per parallel chunk for the longest sequence: the keys as
+// [D, kPanelK] panels (each score tile reads one contiguous panel), the values as [keys, Dp]
+// rows padded with zeros to whole vectors, like the output accumulator o. Both copies also
+// keep the micro-kernels off the strided [T, 3, N, D] layout, whose large token stride
+// maps many rows to few L1 sets (S=512 ran 15 % slower reading it in place).
 struct Scratch {
+  int64_t Dp;
   std::vector<float> q, kt, v, s, o, m, l, corr;
   Scratch(int64_t D, int64_t longest)
-      : q(kBlockQ * D), kt(D * round_up(longest, kBlockK)), v(round_up(longest, kBlockK) * D),
-        s(kBlockQ * kBlockK), o(kBlockQ * D), m(kBlockQ), l(kBlockQ), corr(kBlockQ) {}
+      : Dp(round_up(D, kVecSize)), q(kBlockQ * D), kt(D * round_up(longest, kBlockK)),
+        v(round_up(longest, kBlockK) * Dp), s(kBlockQ * kBlockK), o(kBlockQ * Dp), m(kBlockQ),
+        l(kBlockQ), corr(kBlockQ) {}
 };
 
 template <typename T>
@@ -121,13 +130,38 @@ struct Problem {
   BiasView bias;
 };
 
+// Online-softmax update of one query row's scores s[:width] (width keys computed, the first
+// `visible` of them real): on return s holds P (zeros where masked), corr the factor that
+// rescales the row's earlier output, and m, l the running max and sum.
+inline void softmax_row(float* s, int64_t width, int64_t visible, float& m, float& l, float& corr) {
+  for (int64_t j = std::max<int64_t>(visible, 0); j < width; ++j) s[j] = kNegInf;
+  Vec vmax(kNegInf);
+  for (int64_t j = 0; j < width; j += kVecSize) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+  const float m_new = std::max(m, max(vmax));
+  if (m_new == kNegInf) {  // every key so far masked: nothing to add yet
+    std::fill(s, s + width, 0.f);
+    corr = 1.f;
+    return;
+  }
+  corr = std::exp(m - m_new);
+  const Vec vm(m_new);
+  Vec vsum(0.f);
+  for (int64_t j = 0; j < width; j += kVecSize) {
+    Vec e = (Vec::loadu(s + j) - vm).exp_u20();
+    e.store(s + j);
+    vsum = vsum + e;
+  }
+  l = l * corr + sum(vsum);
+  m = m_new;
+}
+
 template <typename T>
 void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64_t q0,
-                    const float* kt, int64_t ld, const float* v, int64_t v_stride) {
+                    const float* kt, const float* v) {
   const int64_t start = p.cu[b], len = p.cu[b + 1] - p.cu[b];
   const int64_t rows = std::min(kBlockQ, len - q0);
-  const int64_t tiles = (rows + kRows - 1) / kRows;
-  const int64_t D = p.D;
+  const int64_t tile_rows = round_up(rows, kAccRegs);  // every tile height divides kAccRegs
+  const int64_t D = p.D, Dp = w.Dp;
   // Scaled queries; rows past `rows` are zero so the micro-kernels can run whole tiles.
   std::fill(w.q.begin(), w.q.end(), 0.f);
   for (int64_t i = 0; i < rows; ++i) {
@@ -142,13 +176,15 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
 
   for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
     const int64_t keys = std::min(kBlockK, key_end - k0);
-    for (int64_t t = 0; t < tiles; ++t)
-      score_tile(w.q.data() + t * kRows * D, D, kt + k0, ld, w.s.data() + t * kRows * kBlockK);
+    const int64_t width = round_up(keys, kVecSize);  // keys scored: whole vectors
+    // S: the strips of b are whole key panels
+    gemm_rows(w.q.data(), D, kt + k0 * D, kPanelK, kPanelK * D, D, w.s.data(), kBlockK, nullptr,
+              tile_rows, width);
 
-    for (int64_t i = 0; i < tiles * kRows; ++i) {
+    for (int64_t i = 0; i < tile_rows; ++i) {
       float* s = w.s.data() + i * kBlockK;
-      if (i >= rows) {  // padding rows of the last tile: contribute nothing
-        std::fill(s, s + kBlockK, 0.f);
+      if (i >= rows) {  // padding rows of the last tiles: contribute nothing
+        std::fill(s, s + width, 0.f);
         w.corr[i] = 1.f;
         continue;
       }
@@ -158,70 +194,42 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
       }
       // Keys past the block end and, if causal, after this query are masked out.
       const int64_t visible = p.causal ? std::min(keys, q0 + i - k0 + 1) : keys;
-      for (int64_t j = std::max<int64_t>(visible, 0); j < kBlockK; ++j) s[j] = kNegInf;
-
-      Vec vmax(kNegInf);
-      for (int64_t c = 0; c < kKeyVecs; ++c)
-        vmax = at::vec::maximum(vmax, Vec::loadu(s + c * kVecSize));
-      const float m_new = std::max(w.m[i], max(vmax));
-      if (m_new == kNegInf) {  // every key so far masked: nothing to add yet
-        std::fill(s, s + kBlockK, 0.f);
-        w.corr[i] = 1.f;
-        continue;
-      }
-      w.corr[i] = std::exp(w.m[i] - m_new);
-      const Vec vm(m_new);
-      Vec vsum(0.f);
-      for (int64_t c = 0; c < kKeyVecs; ++c) {
-        Vec e = (Vec::loadu(s + c * kVecSize) - vm).exp_u20();
-        e.store(s + c * kVecSize);
-        vsum = vsum + e;
-      }
-      w.l[i] = w.l[i] * w.corr[i] + sum(vsum);
-      w.m[i] = m_new;
+      softmax_row(s, width, visible, w.m[i], w.l[i], w.corr[i]);
     }
-    for (int64_t t = 0; t < tiles; ++t) {
-      pv_rows(w.o.data() + t * kRows * D, w.corr.data() + t * kRows, w.s.data() + t * kRows * kBlockK,
-              keys, v + k0 * v_stride, v_stride, D);
-    }
+    // O = O * corr + P V
+    gemm_rows(w.s.data(), kBlockK, v + k0 * Dp, Dp, kStrip, keys, w.o.data(), Dp, w.corr.data(),
+              tile_rows, Dp);
   }
   for (int64_t i = 0; i < rows; ++i) {
     T* dst = p.out + ((start + q0 + i) * p.N + h) * D;
     const float inv = w.l[i] > 0.f ? 1.f / w.l[i] : 0.f;
     for_each_vec(D, [&](int64_t d, int64_t n) {
-      store(Vec::loadu(w.o.data() + i * D + d, n) * Vec(inv), dst + d, n);
+      store(Vec::loadu(w.o.data() + i * Dp + d, n) * Vec(inv), dst + d, n);
     });
   }
 }
 
-// One (sequence, head): its keys are transposed (and values converted to fp32) once, then
-// every block of kBlockQ queries runs against them.
+// One (sequence, head): its keys and values are copied to fp32 scratch once (keys as panels,
+// zero past the sequence's end), then every block of kBlockQ queries runs against them.
 template <typename T>
 void attend_sequence_head(const Problem<T>& p, Scratch& w, int64_t b, int64_t h) {
   const int64_t start = p.cu[b], len = p.cu[b + 1] - p.cu[b];
   if (len == 0) return;
-  const int64_t D = p.D, ld = round_up(len, kBlockK);
+  const int64_t D = p.D, Dp = w.Dp, padded = round_up(len, kBlockK);
   float* kt = w.kt.data();
-  for (int64_t d = 0; d < D; ++d) std::fill(kt + d * ld + len, kt + (d + 1) * ld, 0.f);
+  float* v = w.v.data();
+  std::fill(kt + (len / kPanelK) * kPanelK * D, kt + padded * D, 0.f);
+  std::fill(v + len * Dp, v + padded * Dp, 0.f);
   for (int64_t j = 0; j < len; ++j) {
-    const T* src = p.k + (start + j) * p.ks.token + h * p.ks.head;
-    for (int64_t d = 0; d < D; ++d) kt[d * ld + j] = static_cast<float>(src[d]);
+    const T* ks = p.k + (start + j) * p.ks.token + h * p.ks.head;
+    float* panel = kt + (j / kPanelK) * kPanelK * D + j % kPanelK;
+    for (int64_t d = 0; d < D; ++d) panel[d * kPanelK] = static_cast<float>(ks[d]);
+    const T* vs = p.v + (start + j) * p.vs.token + h * p.vs.head;
+    float* vr = v + j * Dp;
+    for (int64_t d = 0; d < D; ++d) vr[d] = static_cast<float>(vs[d]);
+    std::fill(vr + D, vr + Dp, 0.f);
   }
-  // fp32 values are read in place; other dtypes are converted into the scratch.
-  const float* v;
-  int64_t v_stride;
-  if constexpr (std::is_same_v<T, float>) {
-    v = p.v + start * p.vs.token + h * p.vs.head;
-    v_stride = p.vs.token;
-  } else {
-    for (int64_t j = 0; j < len; ++j) {
-      const T* src = p.v + (start + j) * p.vs.token + h * p.vs.head;
-      for (int64_t d = 0; d < D; ++d) w.v[j * D + d] = static_cast<float>(src[d]);
-    }
-    v = w.v.data();
-    v_stride = D;
-  }
-  for (int64_t q0 = 0; q0 < len; q0 += kBlockQ) attend_queries(p, w, b, h, q0, kt, ld, v, v_stride);
+  for (int64_t q0 = 0; q0 < len; q0 += kBlockQ) attend_queries(p, w, b, h, q0, kt, v);
 }
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
