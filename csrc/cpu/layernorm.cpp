@@ -1,12 +1,13 @@
 // add+LayerNorm and embeddings+LayerNorm on CPU.
 //
-// One pass per row over the inputs: the pre-norm row h is summed into an fp32 scratch row that
-// stays in L1, its variance is taken from there (two-pass, so no cancellation), and the output
-// is written once. Rows are split across threads with at::parallel_for.
+// One pass per row over the inputs: the pre-norm row h goes to an fp32 scratch row that stays
+// in L1 while its mean and variance are summed up, then the output is written once from it.
+// Rows are split across threads with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -16,17 +17,31 @@
 namespace fastbert::cpu {
 namespace {
 
-// out = (h - mean) * rstd * gamma + beta for one row, given h in fp32 and sum(h).
-template <typename T>
-inline void normalize_row(const float* h, float h_sum, const T* gamma, const T* beta, T* out,
-                          int64_t H, float eps) {
-  const Vec mean(h_sum / H);
-  Vec sq(0.f);
+// Writes the pre-norm row (pre(j, n): its vector at column j, n valid lanes, zero beyond) to
+// h and returns its mean and variance, from one pass of shifted sums: with the shift c the mean
+// of h's first vector, sum(h - c) and sum((h - c)^2) give the variance without the cancellation
+// of E[h^2] - E[h]^2 when |mean| >> std, as c is within a few standard deviations of the mean.
+template <typename Pre>
+inline std::pair<float, float> fill_row(float* h, int64_t H, Pre pre) {
+  const int64_t n0 = std::min(H, kVecSize);
+  const float c = sum(pre(0, n0)) / n0;
+  Vec s1(0.f), s2(0.f);
   for_each_vec(H, [&](int64_t j, int64_t n) {
-    Vec d = head(Vec::loadu(h + j, n) - mean, n);
-    sq = at::vec::fmadd(d, d, sq);
+    const Vec s = pre(j, n);
+    s.store(h + j, n);
+    const Vec d = head(s - Vec(c), n);
+    s1 = s1 + d;
+    s2 = at::vec::fmadd(d, d, s2);
   });
-  const Vec rstd(1.f / std::sqrt(sum(sq) / H + eps));
+  const float d = sum(s1) / H;
+  return {c + d, std::max(sum(s2) / H - d * d, 0.f)};
+}
+
+// out = (h - mean) * rstd * gamma + beta for one row in fp32.
+template <typename T>
+inline void normalize_row(const float* h, std::pair<float, float> stats, const T* gamma,
+                          const T* beta, T* out, int64_t H, float eps) {
+  const Vec mean(stats.first), rstd(1.f / std::sqrt(stats.second + eps));
   for_each_vec(H, [&](int64_t j, int64_t n) {
     Vec y = (Vec::loadu(h + j, n) - mean) * rstd;
     store(at::vec::fmadd(y, load(gamma + j, n), load(beta + j, n)), out + j, n);
@@ -68,14 +83,11 @@ at::Tensor add_layernorm(const at::Tensor& x, const at::Tensor& residual,
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* xr = xp + row * H;
         const scalar_t* rr = rp + row * H;
-        Vec acc(0.f);
-        for_each_vec(H, [&](int64_t j, int64_t n) {
+        const auto stats = fill_row(h.data(), H, [&](int64_t j, int64_t n) {
           Vec s = load(xr + j, n) + load(rr + j, n);
-          if (pp) s = s + load(pp + j, n);
-          s.store(h.data() + j, n);
-          acc = acc + s;  // lanes past n are zero: loads fill them so
+          return pp ? s + load(pp + j, n) : s;
         });
-        normalize_row(h.data(), sum(acc), gp, bp, op + row * H, H, static_cast<float>(eps));
+        normalize_row(h.data(), stats, gp, bp, op + row * H, H, static_cast<float>(eps));
       }
     });
   });
@@ -122,13 +134,10 @@ at::Tensor embed_layernorm(const at::Tensor& input_ids, const at::Tensor& positi
         const scalar_t* wr = wp + ip[t] * H;
         const scalar_t* pr = pe + pp[t] * H;
         const scalar_t* tr = te + tp[t] * H;
-        Vec acc(0.f);
-        for_each_vec(H, [&](int64_t j, int64_t n) {
-          Vec s = load(wr + j, n) + load(tr + j, n) + load(pr + j, n);
-          s.store(h.data() + j, n);
-          acc = acc + s;
+        const auto stats = fill_row(h.data(), H, [&](int64_t j, int64_t n) {
+          return load(wr + j, n) + load(tr + j, n) + load(pr + j, n);
         });
-        normalize_row(h.data(), sum(acc), gp, bp, op + t * H, H, static_cast<float>(eps));
+        normalize_row(h.data(), stats, gp, bp, op + t * H, H, static_cast<float>(eps));
       }
     });
   });
