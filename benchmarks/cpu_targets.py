@@ -1,11 +1,13 @@
 """CPU checks of the extension's performance targets (fp32, BERT-base shapes).
 
-    python benchmarks/cpu_targets.py [--ops] [--model] [--repeats N]
+    python -m benchmarks.cpu_targets [--ops] [--model] [--repeats N]
 
 Prints the median time of each contender, measured interleaved in one process, and the ratio
 of medians. The baselines: torch eager for the op kernels, Hugging Face BertModel with SDPA
 attention for the model. A shared or busy machine makes single numbers noisy; the ratios of
-interleaved medians are the figures to quote.
+interleaved medians are the figures to quote. Run it as a module, as above: run as a file, it
+puts benchmarks/ first on sys.path, where kernels.py shadows the `kernels` package that
+transformers probes for, and importing BertModel fails.
 """
 
 from __future__ import annotations
