@@ -127,6 +127,21 @@ def test_attention_additive_bias(bias_shape, dtype):
     assert out.view(3, 70, 2, 64)[:, 5].abs().max() == 0
 
 
+@pytest.mark.parametrize("threads", [1, 3, 7])
+def test_attention_work_split_across_threads(threads):
+    # The query blocks are shared out by cost, so a thread's share can start or end inside a
+    # (sequence, head): every split must still cover each block exactly once.
+    q, k, v, cu = _packed([3, 200, 0, 17, 96, 1], 3, 32, torch.float32)
+    args = (q, k, v, cu, 200, 32**-0.5, False, None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = extension.attention(*args)
+    finally:
+        torch.set_num_threads(before)
+    _check(out, reference.attention, *args)
+
+
 def test_attention_rejects_a_sequence_longer_than_max_seqlen():
     q, k, v, cu = _packed([10, 20], 2, 32, torch.float32)
     with pytest.raises(RuntimeError, match="max_seqlen"):

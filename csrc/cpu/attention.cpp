@@ -1,11 +1,11 @@
 // Attention over packed variable-length sequences on CPU.
 //
 // q, k, v are [T, N, D] (any token and head strides, unit stride over D), sequence b owning
-// tokens [cu_seqlens[b], cu_seqlens[b + 1]). Work is split over (sequence, head) pairs with
-// at::parallel_for. Each pair copies its keys (transposed, in panels) and values once into
-// fp32 scratch, then runs blocks of kBlockQ queries, each walking the keys in blocks of
-// kBlockK with an online softmax (running max m and sum l per query row), so no [S, S] score
-// matrix is ever stored:
+// tokens [cu_seqlens[b], cu_seqlens[b + 1]). The work is blocks of kBlockQ queries of one
+// (sequence, head), shared out between threads by cost (WorkList). A thread copies the keys
+// (transposed, in panels) and values of a (sequence, head) into fp32 scratch once for its run
+// of blocks of that pair; each block walks the keys in blocks of kBlockK with an online
+// softmax (running max m and sum l per query row), so no [S, S] score matrix is ever stored:
 //
 //   S = (q * scale) Kᵀ
 //   S += bias; mask padding keys and, if causal, keys after the query
@@ -209,12 +209,11 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
   }
 }
 
-// One (sequence, head): its keys and values are copied to fp32 scratch once (keys as panels,
-// zero past the sequence's end), then every block of kBlockQ queries runs against them.
+// Copies the keys (transposed, as panels, zero past the sequence's end) and values of one
+// (sequence, head) to the fp32 scratch, where every block of its queries reads them.
 template <typename T>
-void attend_sequence_head(const Problem<T>& p, Scratch& w, int64_t b, int64_t h) {
+void load_keys_values(const Problem<T>& p, Scratch& w, int64_t b, int64_t h) {
   const int64_t start = p.cu[b], len = p.cu[b + 1] - p.cu[b];
-  if (len == 0) return;
   const int64_t D = p.D, Dp = w.Dp, padded = round_up(len, kBlockK);
   float* kt = w.kt.data();
   float* v = w.v.data();
@@ -229,8 +228,45 @@ void attend_sequence_head(const Problem<T>& p, Scratch& w, int64_t b, int64_t h)
     for (int64_t d = 0; d < D; ++d) vr[d] = static_cast<float>(vs[d]);
     std::fill(vr + D, vr + Dp, 0.f);
   }
-  for (int64_t q0 = 0; q0 < len; q0 += kBlockQ) attend_queries(p, w, b, h, q0, kt, v);
 }
+
+// The unit of work: kBlockQ queries of one (sequence, head).
+struct QueryBlock {
+  int64_t b, h, q0;
+};
+
+// Every query block in (sequence, head, q0) order, and cost[i], the summed cost of blocks
+// [0, i] (score area plus the per-row copies), by which the blocks are shared out: sequence
+// lengths differ, and splitting the (sequence, head) pairs evenly by count, as a plain
+// parallel_for over them does, gave one thread most of the work in a varlen batch.
+struct WorkList {
+  std::vector<QueryBlock> blocks;
+  std::vector<int64_t> cost;
+
+  WorkList(const int64_t* cu, int64_t B, int64_t N, int64_t D, bool causal) {
+    int64_t total = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t len = cu[b + 1] - cu[b];
+      for (int64_t h = 0; h < N; ++h) {
+        for (int64_t q0 = 0; q0 < len; q0 += kBlockQ) {
+          const int64_t rows = std::min(kBlockQ, len - q0);
+          total += rows * ((causal ? std::min(len, q0 + rows) : len) + 2 * D);
+          blocks.push_back({b, h, q0});
+          cost.push_back(total);
+        }
+      }
+    }
+  }
+
+  // Blocks [first(part), first(part + 1)) make up part `part` of `parts`: a block belongs to
+  // the part its cumulative cost ends in, so the parts cost about the same.
+  int64_t first(int64_t part, int64_t parts) const {
+    const int64_t total = cost.back();
+    auto it = std::upper_bound(cost.begin(), cost.end(), part,
+                               [&](int64_t k, int64_t c) { return k * total < c * parts; });
+    return it - cost.begin();
+  }
+};
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
 
@@ -288,9 +324,19 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
     const Problem<T> p{q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
                        strides_of(q), strides_of(k), strides_of(v), out.mutable_data_ptr<T>(),
                        cu, N, D, static_cast<float>(scale), causal, bias_view};
-    at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
+    const WorkList work(cu, B, N, D, causal);
+    const int64_t parts = std::min<int64_t>(at::get_num_threads(), work.blocks.size());
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch(D, longest);
-      for (int64_t item = begin; item < end; ++item) attend_sequence_head(p, scratch, item / N, item % N);
+      int64_t loaded = -1;  // b * N + h of the keys and values in the scratch
+      for (int64_t i = work.first(begin, parts); i < work.first(end, parts); ++i) {
+        const QueryBlock& block = work.blocks[i];
+        if (block.b * N + block.h != loaded) {
+          load_keys_values(p, scratch, block.b, block.h);
+          loaded = block.b * N + block.h;
+        }
+        attend_queries(p, scratch, block.b, block.h, block.q0, scratch.kt.data(), scratch.v.data());
+      }
     });
   });
   return out;
