@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +195,14 @@ def test_noisy_attempt_is_repeated_and_steadiest_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(timing, "interleaved", lambda *args: next(attempts))
     best, tries = runner.Runner(_options(tmp_path, ())).timed_rounds({"a": None})
     assert tries == 2 and best == {"a": [1.0, 1.1, 1.1, 1.2, 1.2]}
+
+
+def test_cpu_targets_runs_as_documented():
+    # `python -m benchmarks.cpu_targets` from the repository root, one round of each check.
+    pytest.importorskip("fastbert._C", reason="the extension is not built")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.cpu_targets", "--ops", "--model", "--repeats", "1"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ratios = [line for line in done.stdout.splitlines() if line.rstrip().endswith("x")]
+    assert len(ratios) == 9, done.stdout
