@@ -4,12 +4,30 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace fastbert {
 
 // A 1D parameter vector of length n in the dtype of `like` (LayerNorm weight, a bias).
 inline void check_vector(const at::Tensor& t, const at::Tensor& like, int64_t n, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.scalar_type() == like.scalar_type(), "fastbert: ",
               name, " must be [", n, "] ", like.scalar_type(), ", got ", t.sizes(), " ", t.scalar_type());
+}
+
+// add_layernorm: x and residual of one shape and dtype, [H] parameters; returns H.
+inline int64_t check_add_layernorm_args(const at::Tensor& x, const at::Tensor& residual,
+                                        const std::optional<at::Tensor>& bias, const at::Tensor& weight,
+                                        const at::Tensor& ln_bias) {
+  TORCH_CHECK(x.dim() >= 1 && x.sizes() == residual.sizes(),
+              "fastbert: add_layernorm needs x and residual of one shape, got ", x.sizes(), " and ",
+              residual.sizes());
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type(), "fastbert: residual has dtype ",
+              residual.scalar_type(), " but x has ", x.scalar_type());
+  const int64_t H = x.size(-1);
+  check_vector(weight, x, H, "weight");
+  check_vector(ln_bias, x, H, "ln_bias");
+  if (bias) check_vector(*bias, x, H, "bias");
+  return H;
 }
 
 // Token indices (pad/unpad) as a contiguous int64 vector.

@@ -156,8 +156,7 @@ inline void softmax_row(float* s, int64_t width, int64_t visible, float& m, floa
 }
 
 template <typename T>
-void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64_t q0,
-                    const float* kt, const float* v) {
+void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64_t q0) {
   const int64_t start = p.cu[b], len = p.cu[b + 1] - p.cu[b];
   const int64_t rows = std::min(kBlockQ, len - q0);
   const int64_t tile_rows = round_up(rows, kAccRegs);  // every tile height divides kAccRegs
@@ -178,8 +177,8 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
     const int64_t keys = std::min(kBlockK, key_end - k0);
     const int64_t width = round_up(keys, kVecSize);  // keys scored: whole vectors
     // S: the strips of b are whole key panels
-    gemm_rows(w.q.data(), D, kt + k0 * D, kPanelK, kPanelK * D, D, w.s.data(), kBlockK, nullptr,
-              tile_rows, width);
+    gemm_rows(w.q.data(), D, w.kt.data() + k0 * D, kPanelK, kPanelK * D, D, w.s.data(), kBlockK,
+              nullptr, tile_rows, width);
 
     for (int64_t i = 0; i < tile_rows; ++i) {
       float* s = w.s.data() + i * kBlockK;
@@ -197,8 +196,8 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
       softmax_row(s, width, visible, w.m[i], w.l[i], w.corr[i]);
     }
     // O = O * corr + P V
-    gemm_rows(w.s.data(), kBlockK, v + k0 * Dp, Dp, kStrip, keys, w.o.data(), Dp, w.corr.data(),
-              tile_rows, Dp);
+    gemm_rows(w.s.data(), kBlockK, w.v.data() + k0 * Dp, Dp, kStrip, keys, w.o.data(), Dp,
+              w.corr.data(), tile_rows, Dp);
   }
   for (int64_t i = 0; i < rows; ++i) {
     T* dst = p.out + ((start + q0 + i) * p.N + h) * D;
@@ -335,7 +334,7 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
           load_keys_values(p, scratch, block.b, block.h);
           loaded = block.b * N + block.h;
         }
-        attend_queries(p, scratch, block.b, block.h, block.q0, scratch.kt.data(), scratch.v.data());
+        attend_queries(p, scratch, block.b, block.h, block.q0);
       }
     });
   });

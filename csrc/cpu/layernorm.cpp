@@ -55,15 +55,7 @@ int64_t row_grain(int64_t H) { return std::max<int64_t>(1, at::internal::GRAIN_S
 at::Tensor add_layernorm(const at::Tensor& x, const at::Tensor& residual,
                          const std::optional<at::Tensor>& bias, const at::Tensor& weight,
                          const at::Tensor& ln_bias, double eps) {
-  TORCH_CHECK(x.dim() >= 1 && x.sizes() == residual.sizes(),
-              "fastbert: add_layernorm needs x and residual of one shape, got ", x.sizes(),
-              " and ", residual.sizes());
-  TORCH_CHECK(residual.scalar_type() == x.scalar_type(), "fastbert: residual has dtype ",
-              residual.scalar_type(), " but x has ", x.scalar_type());
-  const int64_t H = x.size(-1);
-  check_vector(weight, x, H, "weight");
-  check_vector(ln_bias, x, H, "ln_bias");
-  if (bias) check_vector(*bias, x, H, "bias");
+  const int64_t H = check_add_layernorm_args(x, residual, bias, weight, ln_bias);
   auto xc = x.contiguous(), rc = residual.contiguous();
   auto wc = weight.contiguous(), bc = ln_bias.contiguous();
   auto pre = bias ? bias->contiguous() : at::Tensor();

@@ -52,13 +52,7 @@ void bias_gelu_(const at::Tensor& y, const at::Tensor& bias, std::string_view ap
 at::Tensor add_layernorm(const at::Tensor& x, const at::Tensor& residual,
                          const std::optional<at::Tensor>& bias, const at::Tensor& weight,
                          const at::Tensor& ln_bias, double eps) {
-  TORCH_CHECK(x.dim() >= 1 && x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type(),
-              "fastbert: add_layernorm needs x and residual of one shape and dtype, got ", x.sizes(),
-              " and ", residual.sizes());
-  const int64_t H = x.size(-1);
-  check_vector(weight, x, H, "weight");
-  check_vector(ln_bias, x, H, "ln_bias");
-  if (bias) check_vector(*bias, x, H, "bias");
+  const int64_t H = check_add_layernorm_args(x, residual, bias, weight, ln_bias);
   check_cuda({&residual, &weight, &ln_bias}, x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto xc = x.contiguous(), rc = residual.contiguous(), wc = weight.contiguous(), bc = ln_bias.contiguous();
