@@ -44,7 +44,9 @@ def attention(
 
     ``bias`` (optional) is additive, shaped ``[B, N, max_seqlen, max_seqlen]`` (broadcast dims
     allowed); it is only meaningful when every sequence has length ``max_seqlen`` (the padded
-    path). A query row whose keys are all masked (-inf) gives zeros, never NaN.
+    path). A query row whose keys are all masked (-inf) gives zeros, never NaN. Rows past
+    ``cu_seqlens[-1]`` (the dummy rows of a static packing) belong to no sequence; their output
+    is unspecified (zeros here).
     """
     out_dtype = q.dtype
     cdt = _compute_dtype(q.dtype)
@@ -55,11 +57,12 @@ def attention(
     pos = torch.arange(S, device=q.device)
     valid = pos[None, :] < lengths[:, None]  # [B, S]
     index = valid.flatten().nonzero().flatten()
+    real = index.numel()
 
     def padded(x: torch.Tensor) -> torch.Tensor:
         return pad(x.to(cdt), index, batch, S).transpose(1, 2)  # [B, N, S, D]
 
-    qp, kp, vp = padded(q), padded(k), padded(v)
+    qp, kp, vp = padded(q[:real]), padded(k[:real]), padded(v[:real])
     scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale  # [B, N, S, S]
     if bias is not None:
         scores = scores + bias.to(cdt)
@@ -70,7 +73,8 @@ def attention(
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows with every key masked
     out = torch.matmul(probs, vp).transpose(1, 2)  # [B, S, N, D]
-    return unpad(out, index).to(out_dtype)
+    packed = unpad(out, index).to(out_dtype)
+    return torch.cat([packed, packed.new_zeros(q.shape[0] - real, *packed.shape[1:])])
 
 
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
