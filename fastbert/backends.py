@@ -13,14 +13,20 @@ cpp       CPU tensors                 ``fastbert.extension`` (the compiled ``fas
 torch     anything                    ``fastbert.reference`` (plain PyTorch)
 ========  ==========================  ==============================================
 
-A module may also define ``implements(op, device_type) -> bool`` when the ops it has depend on
-the device (the extension has no CUDA attention kernel, for one).
+A module may also define ``implements(op, device_type, dtype) -> bool`` when the ops it has
+depend on the device or the weights' dtype (the extension has no CUDA attention kernel; on CUDA
+the Triton GEMM serves only fp16/bf16, fp32 goes to cuBLAS).
 
 Choosing: an explicit ``backend=`` argument wins, then the :func:`use_backend` context, then
 the ``FASTBERT_BACKEND`` environment variable, then the device default (CUDA: triton, cuda,
 torch; CPU: cpp, torch). The chosen backend runs every op it implements; an op it does not
 implement runs on the next backend of the device's order. A backend that cannot run at all
 here (no GPU, extension not built, Triton missing) is skipped with one warning that says why.
+
+:func:`kernels` resolves that choice once into the functions the encoder calls: in eager mode
+the backends' own functions, called directly (a ``torch.library`` custom op costs several times
+more host time per call than the kernel of a short batch); while ``torch.compile`` traces, the
+custom ops of :mod:`fastbert.ops`, which give it one graph node with a fake implementation each.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import importlib
 import os
 import threading
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from fastbert import _compat
 
@@ -50,8 +57,9 @@ _MODULES = {
 
 _local = threading.local()
 _warned: set[tuple[str, str]] = set()
-_plan_cache: dict[tuple[str, str | None], dict[str, str]] = {}
+_plan_cache: dict[tuple[str, str | None, torch.dtype | None], dict[str, str]] = {}
 _impl_cache: dict[tuple[str, str, str], object] = {}
+_kernels_cache: dict[tuple, "Kernels"] = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -112,18 +120,18 @@ def _warn_once(backend: str, reason: str) -> None:
         warnings.warn(f"fastbert: backend {backend!r} unavailable, falling back: {reason}", stacklevel=3)
 
 
-def _implements(module, op: str, device_type: str) -> bool:
+def _implements(module, op: str, device_type: str, dtype: torch.dtype | None) -> bool:
     check = getattr(module, "implements", None)
-    return hasattr(module, op) and (check is None or check(op, device_type))
+    return hasattr(module, op) and (check is None or check(op, device_type, dtype))
 
 
 # Dynamo calls this eagerly and bakes the result into the graph: a plan depends only on
 # machine state (installed backends, environment), never on tensor values.
 @torch._dynamo.assume_constant_result
-def plan(device: torch.device, backend: str | None = None) -> dict[str, str]:
-    """Map every op to the backend that will run it for tensors on ``device``."""
+def plan(device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Map every op to the backend that will run it for tensors on ``device`` (of ``dtype``, if given)."""
     requested = requested_backend(backend)
-    key = (device.type, requested)
+    key = (device.type, requested, dtype)
     if key in _plan_cache:
         return _plan_cache[key]
     default = DEVICE_ORDER.get(device.type, ("torch",))
@@ -139,7 +147,7 @@ def plan(device: torch.device, backend: str | None = None) -> dict[str, str]:
         modules["torch"] = load("torch", device.type)
     result = {}
     for op in OPS:
-        result[op] = next(name for name, module in modules.items() if _implements(module, op, device.type))
+        result[op] = next(name for name, module in modules.items() if _implements(module, op, device.type, dtype))
     _plan_cache[key] = result
     return result
 
@@ -150,3 +158,37 @@ def implementation(op: str, backend: str, device_type: str):
     if key not in _impl_cache:
         _impl_cache[key] = getattr(load(backend, device_type), op)
     return _impl_cache[key]
+
+
+class Kernels(NamedTuple):
+    """The function the encoder calls for each step, with the reference's signature."""
+
+    linear: Callable  # x Wᵀ + b: every GEMM that is not fused with GELU
+    attention: Callable
+    linear_gelu: Callable
+    add_layernorm: Callable
+    embed_layernorm: Callable
+    unpad: Callable
+    pad: Callable
+
+
+def _traced(op: str, backend: str) -> Callable:
+    from fastbert import ops
+
+    custom_op = getattr(ops, op)
+    return lambda *args: custom_op(*args, backend)
+
+
+def kernels(device: torch.device, dtype: torch.dtype, backend: str | None = None) -> Kernels:
+    """The functions running each op for ``dtype`` weights on ``device``, as :func:`plan` chooses.
+
+    Eager: each backend's own function, cached per (device type, dtype, choice). While
+    ``torch.compile`` traces: the custom ops, with the chosen backend bound.
+    """
+    chosen = plan(device, backend, dtype)
+    if torch.compiler.is_compiling():
+        return Kernels(F.linear, *(_traced(op, chosen[op]) for op in OPS))
+    key = (device.type, dtype, *chosen.values())
+    if key not in _kernels_cache:
+        _kernels_cache[key] = Kernels(F.linear, *(implementation(op, chosen[op], device.type) for op in OPS))
+    return _kernels_cache[key]

@@ -5,7 +5,8 @@
 :func:`fastbert.optimize`, or :class:`fastbert.model.Bert` without transformers installed::
 
     input_ids, attention_mask [B, S]
-      -> valid-token indices, cu_seqlens [B + 1], max_seqlen
+      -> one readback: token count, longest sequence, validity of ids and mask
+      -> valid-token indices, cu_seqlens [B + 1] (no host syncs from here on)
       -> embeddings + LayerNorm on the T valid tokens only          [T, H]
       -> per layer: QKV GEMM -> varlen attention -> out GEMM -> add+LN
                     -> linear+bias+GELU -> down GEMM -> add+LN
@@ -15,40 +16,40 @@ A 2D 0/1 key-padding mask takes this packed path. A 3D ``[B, S, S]`` or 4D ``[B|
 mask (bool: True = attend; float: additive) takes the padded path: every position is computed
 and the mask is an additive attention bias, as Hugging Face applies such masks (a 4D mask is
 used as given, so a decoder's causal part must already be in it).
+
+With ``token_capacity`` (and always while ``torch.compile`` traces) every shape is fixed before
+the data is read: the packed rows number ``token_capacity`` (``B * S`` when tracing), dummy rows
+fill what the real tokens leave, ids are checked by device-side asserts and nothing is read
+back. That is the path CUDA graphs capture (:mod:`fastbert.graphs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from fastbert import backends, ops
+from fastbert import backends, views
 from fastbert.config import BertConfig
 
 
 @dataclasses.dataclass
 class Packing:
-    """Where the valid tokens of a padded ``[batch, seqlen]`` batch sit once packed."""
+    """Where the valid tokens of a padded ``[batch, seqlen]`` batch sit once packed.
 
-    indices: torch.Tensor  # [T] int64, flat positions of valid tokens in batch * seqlen
-    cu_seqlens: torch.Tensor  # [batch + 1] int32, token offsets of each sequence
-    max_seqlen: int
+    Exact packing has one row per valid token. Static packing (``torch.compile``, CUDA graph
+    buckets) has a fixed number of rows: the valid tokens first, then dummy rows that belong to
+    no sequence (attention never reads them and every other op is row-wise, so they cannot
+    change a real row); padding back drops them.
+    """
+
+    indices: torch.Tensor  # [rows] int64, flat position in batch * seqlen of each row (dummy rows: 0)
+    cu_seqlens: torch.Tensor  # [batch + 1] int32, row offsets of each sequence
+    max_seqlen: int  # a bound on the sequence lengths (it sizes the attention grid)
     batch: int
     seqlen: int
-
-    @classmethod
-    def from_mask(cls, valid: torch.Tensor) -> "Packing":
-        batch, seqlen = valid.shape
-        indices, cu_seqlens = ops.packing(valid)
-        # max_seqlen only bounds the kernels' grids: the padded length is a valid bound, and
-        # under torch.compile it avoids a data-dependent scalar (a graph break).
-        if torch.compiler.is_compiling() or batch == 0:
-            max_seqlen = seqlen
-        else:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        return cls(indices, cu_seqlens, max_seqlen, batch, seqlen)
+    valid: torch.Tensor | None = None  # [batch, seqlen] bool when there are dummy rows, else None
 
     @classmethod
     def full(cls, batch: int, seqlen: int, device: torch.device) -> "Packing":
@@ -56,14 +57,45 @@ class Packing:
         cu_seqlens = torch.arange(0, batch * seqlen + 1, seqlen, dtype=torch.int32, device=device)
         return cls(indices, cu_seqlens, seqlen, batch, seqlen)
 
+    def pad(self, x: torch.Tensor, kernels: backends.Kernels) -> torch.Tensor:
+        """Packed rows ``[rows, ...]`` back to ``[batch, seqlen, ...]``, zeros at pad positions."""
+        if self.valid is None:
+            return kernels.pad(x, self.indices, self.batch, self.seqlen)
+        # Dummy rows must land nowhere: each position gathers its own row (its rank among the
+        # valid tokens) and pad positions are zeroed.
+        valid = self.valid.flatten()
+        rows = x.index_select(0, (valid.cumsum(0) - 1).clamp_min(0))
+        return torch.where(valid[:, None], rows, 0).view(self.batch, self.seqlen, *x.shape[1:])
 
-def _check_range(name: str, ids: torch.Tensor, upper: int, what: str) -> None:
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {ids.dtype}")
-    if ids.numel() and not torch.compiler.is_compiling():
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= upper:
-            raise ValueError(f"{name} holds values in [{low}, {high}] but {what} is {upper}: valid ids are 0..{upper - 1}")
+
+def readback(values: list[torch.Tensor]) -> list[int]:
+    """The forward's one device-to-host transfer (a sync on a GPU): every scalar the host needs."""
+    if not values:
+        return []
+    return torch.stack([v.to(torch.int64) for v in values]).tolist()
+
+
+class _IdCheck(NamedTuple):
+    name: str
+    ids: torch.Tensor
+    upper: int  # valid ids are 0 .. upper - 1
+    what: str  # the config field that sets upper
+
+    def bounds(self) -> list[torch.Tensor]:
+        return list(torch.aminmax(self.ids))
+
+    def raise_if_bad(self, low: int, high: int) -> None:
+        if low < 0 or high >= self.upper:
+            raise ValueError(f"{self.name} holds values in [{low}, {high}] but {self.what} is {self.upper}: "
+                             f"valid ids are 0..{self.upper - 1}")
+
+    def assert_on_device(self) -> None:
+        ok = ((self.ids >= 0) & (self.ids < self.upper)).all()
+        torch._assert_async(ok, f"{self.name} holds values outside 0..{self.upper - 1} ({self.what} is {self.upper})")
+
+
+_MASK_VALUES = ("a 2D attention_mask must hold only 0 (padding) and 1 (token); for an additive mask pass a 4D "
+                "[batch, 1, seq, seq] tensor")
 
 
 def _check_device(name: str, tensor: torch.Tensor | None, device: torch.device) -> None:
@@ -72,7 +104,7 @@ def _check_device(name: str, tensor: torch.Tensor | None, device: torch.device) 
 
 
 def _key_padding(attention_mask: torch.Tensor | None, batch: int, seqlen: int, device) -> torch.Tensor:
-    """The 2D mask as bool ``[B, S]`` (True = real token), checked to hold only 0 and 1."""
+    """The 2D mask as bool ``[B, S]`` (True = real token); its values are checked with the ids."""
     if attention_mask is None:
         return torch.ones(batch, seqlen, dtype=torch.bool, device=device)
     if tuple(attention_mask.shape) != (batch, seqlen):
@@ -84,11 +116,6 @@ def _key_padding(attention_mask: torch.Tensor | None, batch: int, seqlen: int, d
         return attention_mask
     if attention_mask.is_complex():
         raise TypeError(f"attention_mask must be bool, integer or float, got {attention_mask.dtype}")
-    if not torch.compiler.is_compiling() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError(
-            "a 2D attention_mask must hold only 0 (padding) and 1 (token); for an additive mask pass a 4D "
-            "[batch, 1, seq, seq] tensor"
-        )
     return attention_mask != 0
 
 
@@ -109,41 +136,109 @@ def _attention_bias(mask: torch.Tensor, batch: int, heads: int, seqlen: int, dty
     return mask.expand(batch, heads, seqlen, seqlen)
 
 
-def _fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor]:
-    """One [3H, H] weight for the Q, K and V projections, rebuilt whenever a source changes."""
-    parts = [attn.query.weight, attn.key.weight, attn.value.weight, attn.query.bias, attn.key.bias, attn.value.bias]
-    if torch.compiler.is_compiling():
-        return torch.cat(parts[:3]), torch.cat(parts[3:])
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parts)
-    cached = getattr(attn, "_fastbert_qkv", None)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, torch.cat(parts[:3]), torch.cat(parts[3:]))
-        attn._fastbert_qkv = cached
-    return cached[1], cached[2]
-
-
-def clear_caches(bert: torch.nn.Module) -> None:
-    """Drop the fused weights ``encode`` keeps on ``bert``'s modules."""
-    for layer in bert.encoder.layer:
-        layer.attention.self.__dict__.pop("_fastbert_qkv", None)
-
-
-def _layer(layer, h, packing, bias, causal, heads, gelu, plan):
+def _layer(k: backends.Kernels, w: views.LayerView, h, packing: Packing, bias, causal: bool, heads: int, gelu: str):
     T, H = h.shape
-    attn = layer.attention.self
-    w_qkv, b_qkv = _fused_qkv(attn)
-    q, k, v = F.linear(h, w_qkv, b_qkv).view(T, 3, heads, H // heads).unbind(1)
-    scale = (H // heads) ** -0.5
-    ctx = ops.attention(q, k, v, packing.cu_seqlens, packing.max_seqlen, scale, causal, bias, plan["attention"])
-    out = layer.attention.output
-    a = F.linear(ctx.view(T, H), out.dense.weight)
-    h = ops.add_layernorm(a, h, out.dense.bias, out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps, plan["add_layernorm"])
-    up = layer.intermediate.dense
-    i = ops.linear_gelu(h, up.weight, up.bias, gelu, plan["linear_gelu"])
-    down = layer.output
-    o = F.linear(i, down.dense.weight)
-    return ops.add_layernorm(o, h, down.dense.bias, down.LayerNorm.weight, down.LayerNorm.bias, down.LayerNorm.eps, plan["add_layernorm"])
+    w_qkv, b_qkv = w.qkv.get()
+    q, key, v = k.linear(h, w_qkv, b_qkv).view(T, 3, heads, H // heads).unbind(1)
+    ctx = k.attention(q, key, v, packing.cu_seqlens, packing.max_seqlen, (H // heads) ** -0.5, causal, bias)
+    a = k.linear(ctx.view(T, H), w.out_weight)
+    h = k.add_layernorm(a, h, w.out_bias, w.ln1_weight, w.ln1_bias, w.ln1_eps)
+    i = k.linear_gelu(h, w.up_weight, w.up_bias, gelu)
+    o = k.linear(i, w.down_weight)
+    return k.add_layernorm(o, h, w.down_bias, w.ln2_weight, w.ln2_bias, w.ln2_eps)
+
+
+class Batch:
+    """One call's inputs, checked on the host; what depends on their values is checked on the device.
+
+    The values are checked, and the token count and longest sequence learnt, by :meth:`read_back`
+    (one transfer) or, on the static path, by device-side asserts (:meth:`assert_on_device`).
+    """
+
+    def __init__(self, config: BertConfig, view: views.EncoderView, input_ids, attention_mask=None,
+                 token_type_ids=None, position_ids=None):
+        device = view.word_embeddings.device
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, seq] tensor, got {shape}")
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                        ("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+            _check_device(name, t, device)
+            if t is not None and name != "attention_mask" and t.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {t.dtype}")
+        self.batch, self.seqlen = batch, seqlen = input_ids.shape
+        self.input_ids = input_ids
+        self.checks = [_IdCheck("input_ids", input_ids, config.vocab_size, "vocab_size")]
+        if position_ids is None:
+            if seqlen > config.max_position_embeddings:
+                raise ValueError(
+                    f"input_ids has sequence length {seqlen} but max_position_embeddings is "
+                    f"{config.max_position_embeddings}; truncate the input to at most "
+                    f"{config.max_position_embeddings} tokens"
+                )
+        else:
+            self.checks.append(_IdCheck("position_ids", position_ids, config.max_position_embeddings,
+                                        "max_position_embeddings"))
+            position_ids = position_ids.expand(batch, seqlen)
+        if token_type_ids is not None:
+            self.checks.append(_IdCheck("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size"))
+            token_type_ids = token_type_ids.expand(batch, seqlen)
+        self.position_ids, self.token_type_ids = position_ids, token_type_ids
+        if batch * seqlen == 0:
+            self.checks = []  # nothing to read, and nothing to check
+
+        self.bias = self.valid = self.mask_bad = None
+        self.causal = config.is_decoder
+        if attention_mask is not None and attention_mask.dim() in (3, 4):
+            self.bias = _attention_bias(attention_mask, batch, config.num_attention_heads, seqlen,
+                                        view.word_embeddings.dtype)
+            self.causal = False
+        elif attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be 2D [batch, seq], 3D [batch, seq, seq] or 4D [batch, 1, seq, seq]; "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        else:
+            self.valid = _key_padding(attention_mask, batch, seqlen, device)
+            if attention_mask is not None and attention_mask.dtype != torch.bool and batch * seqlen:
+                self.mask_bad = ((attention_mask != 0) & (attention_mask != 1)).any()
+            self.lengths = self.valid.sum(1, dtype=torch.int32)
+            self.cu_seqlens = torch.nn.functional.pad(self.lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+    def read_back(self) -> tuple[int, int]:
+        """Check every value in one device-to-host transfer; returns (valid tokens, longest sequence)."""
+        counted = self.valid is not None and self.batch > 0
+        scalars = [self.cu_seqlens[-1], self.lengths.max()] if counted else []
+        scalars += [b for check in self.checks for b in check.bounds()]
+        values = readback(scalars + ([self.mask_bad] if self.mask_bad is not None else []))
+        if self.mask_bad is not None and values[-1]:
+            raise ValueError(_MASK_VALUES)
+        first = 2 if counted else 0
+        for i, check in enumerate(self.checks):
+            check.raise_if_bad(values[first + 2 * i], values[first + 2 * i + 1])
+        if self.valid is None:
+            return self.batch * self.seqlen, self.seqlen
+        return tuple(values[:2]) if counted else (0, 0)
+
+    def assert_on_device(self) -> None:
+        """Check every value without reading anything back (asynchronous asserts)."""
+        for check in self.checks:
+            check.assert_on_device()
+        if self.mask_bad is not None:
+            torch._assert_async(~self.mask_bad, _MASK_VALUES)
+
+    def packing(self, rows: int, longest: int, exact: bool) -> Packing:
+        """``rows`` packed rows: the valid tokens, then (unless ``exact``) dummy rows."""
+        if self.valid is None:
+            return Packing.full(self.batch, self.seqlen, self.input_ids.device)
+        indices = torch.nonzero_static(self.valid.flatten(), size=rows, fill_value=0).flatten()
+        return Packing(indices, self.cu_seqlens, longest, self.batch, self.seqlen, None if exact else self.valid)
+
+
+def inspect(bert: torch.nn.Module, config: BertConfig, input_ids, attention_mask=None, token_type_ids=None,
+            position_ids=None) -> tuple[int, int]:
+    """Check a call's inputs as :func:`encode` does; returns (valid tokens, longest sequence)."""
+    return Batch(config, views.encoder_view(bert), input_ids, attention_mask, token_type_ids, position_ids).read_back()
 
 
 def encode(
@@ -155,72 +250,44 @@ def encode(
     position_ids: torch.Tensor | None = None,
     backend: str | None = None,
     output_hidden_states: bool = False,
+    token_capacity: int | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Run embeddings and every layer; returns ``(last_hidden_state [B, S, H], hidden_states)``.
 
     ``hidden_states`` (embeddings output, then each layer's) is returned padded like the last
-    one when ``output_hidden_states`` is set, else None. Raises ValueError/TypeError naming the
-    argument for malformed input.
+    one when ``output_hidden_states`` is set, else None. ``token_capacity`` (at least the number
+    of valid tokens) selects the static path described in the module docstring. Raises
+    ValueError/TypeError naming the argument for malformed input.
     """
-    emb = bert.embeddings
-    device = emb.word_embeddings.weight.device
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a [batch, seq] tensor, got {shape}")
-    for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                    ("token_type_ids", token_type_ids), ("position_ids", position_ids)):
-        _check_device(name, t, device)
-    batch, seqlen = input_ids.shape
-    _check_range("input_ids", input_ids, config.vocab_size, "vocab_size")
-    if position_ids is None:
-        if seqlen > config.max_position_embeddings:
-            raise ValueError(
-                f"input_ids has sequence length {seqlen} but max_position_embeddings is "
-                f"{config.max_position_embeddings}; truncate the input to at most {config.max_position_embeddings} tokens"
-            )
-        position_ids = torch.arange(seqlen, device=device)
+    view = views.encoder_view(bert)
+    batch = Batch(config, view, input_ids, attention_mask, token_type_ids, position_ids)
+    if token_capacity is not None or torch.compiler.is_compiling():
+        batch.assert_on_device()
+        rows = batch.batch * batch.seqlen if token_capacity is None else token_capacity
+        packing = batch.packing(rows, batch.seqlen, exact=False)
     else:
-        _check_range("position_ids", position_ids, config.max_position_embeddings, "max_position_embeddings")
-    position_ids = position_ids.expand(batch, seqlen)
-    if token_type_ids is None:
-        token_type_ids = torch.zeros((), dtype=torch.long, device=device)
+        tokens, longest = batch.read_back()
+        packing = batch.packing(tokens, longest, exact=True)
+
+    k = backends.kernels(view.word_embeddings.device, view.word_embeddings.dtype, backend)
+    # Positions and token types of the packed rows, gathered (or computed) on the device.
+    if batch.position_ids is None:
+        positions = packing.indices % max(batch.seqlen, 1)
     else:
-        _check_range("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
-    token_type_ids = token_type_ids.expand(batch, seqlen)
-
-    plan = backends.plan(device, backend)
-    dtype = emb.word_embeddings.weight.dtype
-    heads = config.num_attention_heads
-    if attention_mask is not None and attention_mask.dim() in (3, 4):
-        packing = Packing.full(batch, seqlen, device)
-        bias = _attention_bias(attention_mask, batch, heads, seqlen, dtype)
-        causal = False
-    elif attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"attention_mask must be 2D [batch, seq], 3D [batch, seq, seq] or 4D [batch, 1, seq, seq]; "
-            f"got shape {tuple(attention_mask.shape)}"
-        )
+        positions = k.unpad(batch.position_ids.contiguous(), packing.indices)
+    if batch.token_type_ids is None:
+        types = torch.zeros_like(packing.indices)
     else:
-        packing = Packing.from_mask(_key_padding(attention_mask, batch, seqlen, device))
-        bias = None
-        causal = config.is_decoder
-
-    def gather(ids):
-        return ops.unpad(ids.contiguous(), packing.indices, plan["unpad"])
-
-    h = ops.embed_layernorm(
-        gather(input_ids), gather(position_ids), gather(token_type_ids),
-        emb.word_embeddings.weight, emb.position_embeddings.weight, emb.token_type_embeddings.weight,
-        emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps, plan["embed_layernorm"],
+        types = k.unpad(batch.token_type_ids.contiguous(), packing.indices)
+    h = k.embed_layernorm(
+        k.unpad(input_ids.contiguous(), packing.indices), positions, types,
+        view.word_embeddings, view.position_embeddings, view.token_type_embeddings,
+        view.ln_weight, view.ln_bias, view.ln_eps,
     )
     states = [h] if output_hidden_states else None
-    for layer in bert.encoder.layer:
-        h = _layer(layer, h, packing, bias, causal, heads, config.gelu_approximate, plan)
+    for layer in view.layers:
+        h = _layer(k, layer, h, packing, batch.bias, batch.causal, config.num_attention_heads, config.gelu_approximate)
         if states is not None:
             states.append(h)
-
-    def scatter(x):
-        return ops.pad(x, packing.indices, batch, seqlen, plan["pad"])
-
-    hidden_states = tuple(scatter(s) for s in states) if states is not None else None
-    return scatter(h), hidden_states
+    hidden_states = tuple(packing.pad(s, k) for s in states) if states is not None else None
+    return packing.pad(h, k), hidden_states

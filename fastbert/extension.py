@@ -5,7 +5,7 @@ with a CPU kernel each (csrc/cpu/) and, when built with CUDA, CUDA kernels (csrc
 but attention. Importing fails with ImportError when the extension was not built; the backend
 selection then warns once and falls back (see :mod:`fastbert.backends`).
 
-The functions below carry the op names and reference signatures of :mod:`fastbert.reference`.
+The names below are the registered ops under the op names of :mod:`fastbert.reference`.
 ``linear_gelu`` leaves the GEMM to ATen (MKL / oneDNN on CPU, cuBLAS on CUDA) and fuses bias
 and GELU into one pass over its output.
 """
@@ -45,32 +45,16 @@ def unavailable_reason(device_type: str) -> str | None:
     return None
 
 
-def implements(op: str, device_type: str) -> bool:
+def implements(op: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
     """Whether the extension has a kernel for ``op`` on ``device_type`` tensors."""
     return device_type != "cuda" or op in CUDA_OPS
 
 
-def attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias):
-    return _ops.ext_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias)
-
-
-def linear_gelu(x, weight, bias, approximate):
-    return _ops.ext_linear_gelu(x, weight, bias, approximate)
-
-
-def add_layernorm(x, residual, bias, weight, ln_bias, eps):
-    return _ops.ext_add_layernorm(x, residual, bias, weight, ln_bias, eps)
-
-
-def embed_layernorm(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
-                    token_type_embeddings, weight, ln_bias, eps):
-    return _ops.ext_embed_layernorm(input_ids, position_ids, token_type_ids, word_embeddings,
-                                    position_embeddings, token_type_embeddings, weight, ln_bias, eps)
-
-
-def unpad(x, indices):
-    return _ops.ext_unpad(x, indices)
-
-
-def pad(x, indices, batch, seqlen):
-    return _ops.ext_pad(x, indices, batch, seqlen)
+# The registered ops themselves (their default overloads, the cheapest way to call them),
+# under the op names and with the argument order of fastbert.reference.
+attention = _ops.ext_attention.default
+linear_gelu = _ops.ext_linear_gelu.default
+add_layernorm = _ops.ext_add_layernorm.default
+embed_layernorm = _ops.ext_embed_layernorm.default
+unpad = _ops.ext_unpad.default
+pad = _ops.ext_pad.default

@@ -1,9 +1,10 @@
 """The op seam: one ``torch.library`` custom op per fused step of the encoder.
 
-The model calls these and nothing below them. Each op takes a resolved ``backend`` name (see
-:mod:`fastbert.backends`) and forwards to that backend's function of the same name; shapes and
-semantics are those of the references in :mod:`fastbert.reference`. Every op has a fake
-implementation so ``torch.compile`` can trace it as a single node.
+Each op takes a resolved ``backend`` name (see :mod:`fastbert.backends`) and forwards to that
+backend's function of the same name; shapes and semantics are those of the references in
+:mod:`fastbert.reference`. Every op has a fake implementation so ``torch.compile`` can trace it
+as a single node. Eager forwards skip this layer and call the backends' functions directly
+(:func:`fastbert.backends.kernels`); these ops are what ``torch.compile`` and tracing see.
 
 Call them as ``fastbert.ops.attention(...)`` (or ``torch.ops.fastbert.attention``).
 """
@@ -97,24 +98,6 @@ def embed_layernorm(
 @embed_layernorm.register_fake
 def _(input_ids, position_ids, token_type_ids, word_embeddings, *rest):
     return word_embeddings.new_empty(input_ids.shape[0], word_embeddings.shape[1])
-
-
-@torch.library.custom_op("fastbert::packing", mutates_args=())
-def packing(valid: Tensor) -> tuple[Tensor, Tensor]:
-    """For a bool ``[B, S]`` mask of real tokens: (flat indices ``[T]`` int64, cu_seqlens ``[B + 1]`` int32).
-
-    An op rather than inline code because T depends on the mask's values: the fake gives
-    ``torch.compile`` a dynamic size instead of a graph break at ``nonzero``.
-    """
-    lengths = valid.sum(dim=1, dtype=torch.int32)
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    return valid.flatten().nonzero().flatten(), cu_seqlens
-
-
-@packing.register_fake
-def _(valid):
-    tokens = torch.library.get_ctx().new_dynamic_size()
-    return valid.new_empty(tokens, dtype=torch.int64), valid.new_empty(valid.shape[0] + 1, dtype=torch.int32)
 
 
 @torch.library.custom_op("fastbert::unpad", mutates_args=())

@@ -125,13 +125,11 @@ def test_embed_layernorm_op(dtype, device):
     assert_within_rule(got, ref, F.layer_norm(word + tt + pos, (H,), w, lb, 1e-12))
 
 
-def test_packing_pad_unpad_round_trip(device):
+def test_pad_unpad_round_trip(device):
     B, S, H = 4, 9, 5
     mask = torch.rand(B, S, device=device) > 0.4
     mask[2] = False  # a sequence of length 0
-    indices, cu_seqlens = ops.packing(mask)
-    assert torch.equal(indices, mask.flatten().nonzero().flatten())
-    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, *mask.sum(1).cumsum(0).tolist()]
+    indices = mask.flatten().nonzero().flatten()
     x = torch.randn(B, S, H, device=device)
     packed_x = ops.unpad(x, indices, "torch")
     assert torch.equal(packed_x, x[mask])
@@ -151,7 +149,6 @@ def opcheck_cases():
         (ops.add_layernorm, (x, r, torch.randn(16), torch.randn(16), torch.randn(16), 1e-5, "torch")),
         (ops.embed_layernorm, (ids, ids, ids % 2, torch.randn(4, 16), torch.randn(4, 16), torch.randn(2, 16),
                                torch.randn(16), torch.randn(16), 1e-5, "torch")),
-        (ops.packing, (torch.tensor([[True, True, False], [False, False, False], [True, False, True]]),)),
         (ops.unpad, (torch.randn(2, 4, 16), torch.tensor([0, 1, 4, 6]), "torch")),
         (ops.pad, (torch.randn(4, 16), torch.tensor([0, 1, 4, 6]), 2, 4, "torch")),
     ]
