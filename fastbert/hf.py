@@ -8,10 +8,12 @@ Q/K/V weight per layer, rebuilt whenever the weights change. ``unoptimize(model)
 
 Calls the fused path cannot honour run the original HF forward instead, with one warning per
 reason: ``output_attentions=True``, a ``head_mask``, a KV cache passed in (generation),
-cross-attention inputs, ``inputs_embeds``, unknown keyword arguments, and training mode
-(fastbert is inference-only for now: in eval mode the forward runs fused, and a backward
-through it raises PyTorch's "no autograd formula" error rather than giving wrong gradients). Configs it cannot reproduce (relative position
-embeddings, cross-attention layers, activations other than GELU) are refused by ``optimize``.
+cross-attention inputs, ``inputs_embeds``, unknown keyword arguments, autocast to a dtype other
+than the weights' (fastbert computes in the weights' dtype), and training mode (fastbert is
+inference-only for now: in eval mode the forward runs fused, and a backward through it raises
+PyTorch's "no autograd formula" error rather than giving wrong gradients). Configs it cannot
+reproduce (relative position embeddings, cross-attention layers, activations other than GELU)
+are refused by ``optimize``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import warnings
 import torch
 from torch import nn
 
-from fastbert import backends, encoder
+from fastbert import backends, encoder, graphs, views
 from fastbert.config import BertConfig
 
 # Keyword arguments the fused path accepts when they have one of these "off" values
@@ -46,6 +48,7 @@ _warned: set[str] = set()
 class _State:
     config: BertConfig
     backend: str | None
+    graphs: graphs.GraphedEncoder | None  # None: eager
 
 
 def _bert_models(model: nn.Module) -> list[nn.Module]:
@@ -62,21 +65,26 @@ def _bert_models(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def optimize(model: nn.Module, backend: str | None = None) -> nn.Module:
+def optimize(model: nn.Module, backend: str | None = None, cuda_graphs: bool = False,
+             max_graphs: int = 16) -> nn.Module:
     """Make every BERT encoder inside ``model`` run padding-free on fastbert's ops, in place.
 
     ``backend`` ("triton", "cuda", "cpp" or "torch") forces one backend; None picks per device
-    (see :mod:`fastbert.backends`). Returns ``model``. Raises UnsupportedConfigError for configs
-    the fused path cannot reproduce. Outputs at pad positions of ``last_hidden_state`` are zero.
+    (see :mod:`fastbert.backends`). ``cuda_graphs=True`` replays one CUDA graph per shape
+    bucket, keeping at most ``max_graphs`` (see :mod:`fastbert.graphs`). Returns ``model``.
+    Raises UnsupportedConfigError for configs the fused path cannot reproduce. Outputs at pad
+    positions of ``last_hidden_state`` are zero.
     """
     if backend is not None:
         backends.requested_backend(backend)  # validates the name
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     berts = _bert_models(model)
     configs = [BertConfig.from_hf(b.config) for b in berts]
     for config in configs:
         config.check_supported()
     for bert, config in zip(berts, configs):
-        bert._fastbert = _State(config, backend)
+        bert._fastbert = _State(config, backend, graphs.GraphedEncoder(max_graphs) if cuda_graphs else None)
         bert.forward = types.MethodType(_fast_forward, bert)
     return model
 
@@ -86,7 +94,7 @@ def unoptimize(model: nn.Module) -> nn.Module:
     for bert in _bert_models(model):
         if "_fastbert" in bert.__dict__:
             del bert.forward, bert._fastbert
-            encoder.clear_caches(bert)
+            views.clear(bert)
     return model
 
 
@@ -103,6 +111,11 @@ def _fallback_reason(bert: nn.Module, kwargs: dict) -> str | None:
             return f"{name}={'<tensor>' if isinstance(value, torch.Tensor) else repr(value)}"
     if bert.training:
         return "training mode (fastbert runs inference only; call model.eval())"
+    weights = views.encoder_view(bert).word_embeddings
+    device_type = weights.device.type
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) != weights.dtype:
+        return (f"autocast to {torch.get_autocast_dtype(device_type)} over {weights.dtype} weights (fastbert runs "
+                f"in the weights' dtype; convert the model instead, e.g. model.half())")
     return None
 
 
@@ -134,7 +147,8 @@ def _fast_forward(
         output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
     if input_ids is None:
         raise ValueError("input_ids is required (inputs_embeds runs the original forward)")
-    hidden, states = encoder.encode(
+    run = encoder.encode if state.graphs is None else state.graphs
+    hidden, states = run(
         self, state.config, input_ids, attention_mask, token_type_ids, position_ids,
         backend=state.backend, output_hidden_states=output_hidden_states,
     )
