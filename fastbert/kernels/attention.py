@@ -24,6 +24,7 @@ normaliser of an online softmax, so the ``S x S`` score matrix never exists in m
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 
 from fastbert import _compat
+from fastbert.kernels.launch import on_device_of
 
 LOG2E = math.log2(math.e)
 # Any head dim up to the last works; these are the ones the tests compile and run.
@@ -163,20 +165,30 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False) -> Config:
-    """The launch configuration for a head dim and dtype (a heuristic; no autotuning).
+def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False, arch: int = 80,
+           masked: bool = True) -> Config:
+    """The launch configuration (a heuristic; no autotuning) for a head dim and dtype on GPU
+    architecture ``arch`` (80: Ampere, 90: Hopper), ``masked`` when causal or with a bias.
 
     Under the interpreter the blocks are small so that short test sequences still span several
     key blocks and exercise the online softmax, partial blocks and the causal diagonal.
     """
     if interpreting:
         return Config(16, 16, 1, 1)
-    # The largest tiles that spill no registers on sm_80 or sm_90 with Triton 3.6 or 3.9 (the
-    # compile tests check this for every head dim and dtype).
+    # The largest tiles that spill no registers with Triton 3.6 or 3.9 (the compile tests check
+    # every shipped configuration on its architecture).
     width = block_d(head_dim)
     if dtype == torch.float32:
         # fp32 runs its dots as exact fp32 FMAs (no tensor cores): small tiles.
         return Config(32, 32, 4 if width <= 32 else 8, 2) if width <= 64 else Config(16, 16, 4, 2)
+    if arch >= 90:
+        # wgmma keeps its accumulators in fewer registers than mma: wider key blocks fit, but
+        # 128 keys spill once the causal/bias code is live too.
+        if width <= 64 and not masked:
+            return Config(128, 128, 8, 2)
+        if width <= 128:
+            return Config(128, 64, 8, 3 if width <= 64 else 2)
+        return Config(64, 32, 8, 2)
     if width <= 32:
         return Config(64, 64, 4, 3)
     if width <= 64:
@@ -186,9 +198,19 @@ def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False) -> Con
     return Config(64, 32, 8, 2)
 
 
-def shipped_configs() -> list[tuple[int, torch.dtype, Config]]:
-    """(head_dim, dtype, config) for every head dim and dtype the launcher serves on a GPU."""
-    return [(d, dt, config(d, dt)) for d in HEAD_DIMS for dt in (torch.float16, torch.bfloat16, torch.float32)]
+ARCHS = (80, 90)
+
+
+def shipped_configs() -> list[tuple[int, torch.dtype, int, bool, Config]]:
+    """(head_dim, dtype, arch, masked, config) for every case the launcher serves on a GPU."""
+    return [(d, dt, arch, masked, config(d, dt, arch=arch, masked=masked)) for d in HEAD_DIMS
+            for dt in (torch.float16, torch.bfloat16, torch.float32) for arch in ARCHS for masked in (False, True)]
+
+
+@functools.cache
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def attention(
@@ -223,20 +245,22 @@ def attention(
         raise ValueError(f"out must be {tuple(q.shape)} with a contiguous last dim, got {tuple(out.shape)}")
     if T == 0 or batch == 0 or max_seqlen == 0:
         return out.zero_()
-    cfg = launch or config(head_dim, q.dtype, _compat.interpreting())
+    cfg = launch or config(head_dim, q.dtype, _compat.interpreting(), _arch(q.device) if q.is_cuda else 80,
+                           masked=causal or bias is not None)
     if bias is not None:
         bias = bias.expand(batch, heads, max_seqlen, max_seqlen)
         bias_args = (bias, *bias.stride())
     else:
         bias_args = (q, 0, 0, 0, 0)
     grid = (triton.cdiv(max_seqlen, cfg.block_m), heads, batch)
-    _attention_fwd[grid](
-        q, k, v, out, bias_args[0], cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        *bias_args[1:],
-        scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, HAS_BIAS=bias is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with on_device_of(q):
+        _attention_fwd[grid](
+            q, k, v, out, bias_args[0], cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            *bias_args[1:],
+            scale * LOG2E,
+            HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            CAUSAL=causal, HAS_BIAS=bias is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out

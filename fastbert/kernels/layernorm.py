@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastbert.kernels.launch import on_device_of
+
 MAX_HIDDEN = 8192
 
 
@@ -120,11 +122,12 @@ def add_layernorm(
     if n_rows == 0:
         return out
     cfg = config(H)
-    _add_layernorm[(triton.cdiv(n_rows, cfg.rows),)](
-        x2, res2, bias if bias is not None else x2, weight, ln_bias, y2,
-        n_rows, H, x2.stride(0), res2.stride(0), y2.stride(0), eps,
-        HAS_BIAS=bias is not None, BLOCK_H=cfg.block_h, ROWS=cfg.rows, num_warps=cfg.num_warps,
-    )
+    with on_device_of(x2):
+        _add_layernorm[(triton.cdiv(n_rows, cfg.rows),)](
+            x2, res2, bias if bias is not None else x2, weight, ln_bias, y2,
+            n_rows, H, x2.stride(0), res2.stride(0), y2.stride(0), eps,
+            HAS_BIAS=bias is not None, BLOCK_H=cfg.block_h, ROWS=cfg.rows, num_warps=cfg.num_warps,
+        )
     return out
 
 
@@ -160,9 +163,10 @@ def embed_layernorm(
     if T == 0:
         return out
     cfg = config(H)
-    _embed_layernorm[(triton.cdiv(T, cfg.rows),)](
-        *ids, *tables, weight, ln_bias, out,
-        T, H, *(t.stride(0) for t in tables), out.stride(0), eps,
-        BLOCK_H=cfg.block_h, ROWS=cfg.rows, num_warps=cfg.num_warps,
-    )
+    with on_device_of(out):
+        _embed_layernorm[(triton.cdiv(T, cfg.rows),)](
+            *ids, *tables, weight, ln_bias, out,
+            T, H, *(t.stride(0) for t in tables), out.stride(0), eps,
+            BLOCK_H=cfg.block_h, ROWS=cfg.rows, num_warps=cfg.num_warps,
+        )
     return out

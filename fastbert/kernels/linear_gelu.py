@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from fastbert import _compat
+from fastbert.kernels.launch import on_device_of
 from fastbert.reference import GELU_APPROXIMATIONS
 
 _SQRT1_2 = tl.constexpr(math.sqrt(0.5))
@@ -127,6 +128,8 @@ def linear_gelu(
     N = weight.shape[0]
     if weight.shape[1] != K or bias.shape != (N,):
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not match")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"linear_gelu needs x and weight of one dtype, got x {x.dtype} and weight {weight.dtype}")
     M = math.prod(lead)
     x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:
@@ -144,10 +147,11 @@ def linear_gelu(
         return out
     cfg = launch or config(M, x.dtype, _compat.interpreting())
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    _linear_gelu[grid](
-        x2, weight, bias, y2, M, N, K, x2.stride(0), weight.stride(0), y2.stride(0),
-        APPROX_TANH=approximate == "tanh", EVEN_K=K % cfg.block_k == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with on_device_of(x2):
+        _linear_gelu[grid](
+            x2, weight, bias, y2, M, N, K, x2.stride(0), weight.stride(0), y2.stride(0),
+            APPROX_TANH=approximate == "tanh", EVEN_K=K % cfg.block_k == 0,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out
