@@ -83,7 +83,8 @@ def _kernels(args) -> int:
         argv += ["--dtype", ",".join(args.dtype)]
     if args.out:
         argv += ["--out", str(args.out)]
-    return importlib.import_module("benchmarks.kernels").main(argv) or 0
+    kernels = importlib.import_module("benchmarks.kernels")
+    return kernels.exit_status(kernels.main(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from benchmarks import __main__ as cli
-from benchmarks import report, runner, timing, workloads
+from benchmarks import kernels, report, runner, timing, workloads
 from benchmarks.peers import PEERS, Peer, Unavailable, nested_encoder
 
 RECORD_KEYS = {
@@ -206,3 +206,39 @@ def test_cpu_targets_runs_as_documented():
     assert done.returncode == 0, done.stderr[-2000:]
     ratios = [line for line in done.stdout.splitlines() if line.rstrip().endswith("x")]
     assert len(ratios) == 9, done.stdout
+
+
+def test_kernel_benchmarks_skip_ops_a_backend_does_not_implement(monkeypatch):
+    class Extension:  # like fastbert.extension: it has attention, but no CUDA kernel for it
+        attention = linear_gelu = staticmethod(lambda *args: None)
+
+        @staticmethod
+        def implements(op, device_type):
+            return device_type != "cuda" or op != "attention"
+
+    class Triton:
+        attention = linear_gelu = staticmethod(lambda *args: None)
+
+    def load(name, device_type):
+        if name not in ("cuda", "triton"):
+            raise kernels.backends.BackendUnavailable(name)
+        return Extension if name == "cuda" else Triton
+
+    monkeypatch.setattr(kernels.backends, "load", load)
+    assert set(kernels.available_backends("attention", "cuda")) == {"triton"}
+    assert set(kernels.available_backends("linear_gelu", "cuda")) == {"triton", "cuda"}
+
+
+def test_kernel_benchmarks_record_a_failing_candidate_and_go_on(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(kernels, "available_backends", lambda op, device: {"broken": broken})
+    with torch.inference_mode():
+        record = kernels.run("cpu", torch.float32, rounds=2, tiny=True)
+    errors = [r for r in record["results"] if "error" in r]
+    assert [r["impl"] for r in errors] == ["fastbert broken"] * 4
+    assert all(r["error"] == "RuntimeError: no kernel for this shape" for r in errors)
+    timed = {r["op"] for r in record["results"] if "median_ms" in r}  # the PyTorch equivalents still ran
+    assert timed == {"attention", "linear_gelu", "add_layernorm", "embed_layernorm"}
+    assert kernels.exit_status(record) == 1
