@@ -40,7 +40,7 @@ CALLS = ("tests", "kernels", "models")
 RESULT_FILES = {
     "tests": ("tests-junit.xml", "tests.log"),
     "kernels": ("kernels-float16.json", "kernels-bfloat16.json"),
-    "models": ("models-grid.json", "models-bf16.json", "models-report.md"),
+    "models": ("host-overhead.json", "models-grid.json", "models-bf16.json", "models-report.md"),
 }
 OK = ("ok",)
 
@@ -195,8 +195,17 @@ def models_headline(results: Path) -> tuple[list[str], dict]:
     from benchmarks import report
 
     lines, data = [], {}
+    host = _load_json(results / "host-overhead.json")
+    data["host-overhead.json"] = host
+    if host is None:
+        lines.append("host-overhead.json: missing or not JSON")
+    else:
+        tiny, stubbed = host["tiny_model"], host["bert_base_stubbed"]
+        lines.append(f"host overhead: tiny model fastbert/HF SDPA {tiny['ratio']:.2f} "
+                     f"({tiny['fastbert_us']:.0f} / {tiny['hf_sdpa_us']:.0f} us); "
+                     f"BERT-base with kernels stubbed {stubbed['fastbert_host_us']:.0f} us")
     for name in RESULT_FILES["models"]:
-        if not name.endswith(".json"):
+        if not name.startswith("models-") or not name.endswith(".json"):
             continue
         document = _load_json(results / name)
         if document is None:

@@ -18,7 +18,8 @@
 # What each call writes at the top of RESULTS_DIR (the logs of every step go in the tarball):
 #   tests    summary-tests.{txt,json}, tests-junit.xml, tests.log, logs-tests.tar.gz
 #   kernels  summary-kernels.{txt,json}, kernels-float16.json, kernels-bfloat16.json, logs-kernels.tar.gz
-#   models   summary-models.{txt,json}, models-grid.json, models-bf16.json, models-report.md, logs-models.tar.gz
+#   models   summary-models.{txt,json}, host-overhead.json, models-grid.json, models-bf16.json, models-report.md,
+#            logs-models.tar.gz
 #
 # The calls are independent: `tests` always installs (pip install -e is idempotent); `kernels`
 # and `models` install only when fastbert with a CUDA-built extension does not import from this
@@ -203,6 +204,9 @@ run_models() {
         grid=(--workload tiny --dtype float32 --shapes 2x16 --fills full,uniform --budget 0)
         bf16=(--workload tiny --dtype bfloat16 --shapes 2x16 --fills uniform --budget 0)
     fi
+    # Host time per forward (a tiny model, and BERT-base with its kernels stubbed): a few seconds.
+    step host-overhead 60 "$PYTHON" -m benchmarks.host_overhead --device "$DEVICE" \
+        --budget "$([ "$DRY_RUN" = 1 ] && echo 0.2 || echo 2)" --out "$RESULTS/host-overhead.json"
     step models-grid 300 "$PYTHON" -m benchmarks --device "$DEVICE" --impl "$MODEL_IMPLS" "${grid[@]}" \
         --name models-grid --out "$work"
     step models-bf16 120 "$PYTHON" -m benchmarks --device "$DEVICE" --impl "$MODEL_IMPLS" "${bf16[@]}" \

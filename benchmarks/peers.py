@@ -99,15 +99,9 @@ def _fastbert(backend: str, cuda_graphs: bool = False):
         except backends.BackendUnavailable as exc:
             raise Unavailable(str(exc)) from exc
         # optimize() patches the instance and may prepare weights for its backend: a full copy.
-        options = {"cuda_graphs": True} if cuda_graphs else {}
-        try:
-            optimized = fastbert.optimize(copy.deepcopy(model), backend=backend, **options)
-        except TypeError as exc:
-            if options and "cuda_graphs" in str(exc):
-                raise Unavailable(f"this fastbert has no CUDA-graph mode: optimize() rejects cuda_graphs ({exc})") from exc
-            raise
+        optimized = fastbert.optimize(copy.deepcopy(model), backend=backend, cuda_graphs=cuda_graphs)
         run = _hidden(optimized)
-        moved = [f"{op}={b}" for op, b in backends.plan(device, backend).items() if b != backend]
+        moved = [f"{op}={b}" for op, b in backends.plan(device, backend, dtype).items() if b != backend]
         run.detail = "ops on fallback backends: " + ", ".join(moved) if moved else None
         return run
 

@@ -1,7 +1,8 @@
 """``torch.compile(fullgraph=True)`` over an optimized model: one graph, same outputs.
 
-The ops' fake implementations (and the dynamic token count of ``fastbert::packing``) are what
-make this work; a graph break anywhere in fastbert's forward fails this test.
+The ops' fake implementations and the static packing used while tracing (``token_capacity``
+rows, no readback) are what make this work; a graph break anywhere in fastbert's forward fails
+this test.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = {
     "tests": ["info", "install", "tests"],
     "kernels": ["info", "install", "kernels-float16", "kernels-bfloat16"],
-    "models": ["info", "install", "models-grid", "models-bf16", "models-report"],
+    "models": ["info", "install", "host-overhead", "models-grid", "models-bf16", "models-report"],
 }
 needs_shell = pytest.mark.skipif(
     os.environ.get("FASTBERT_GPU_CHECK") == "1" or not all(shutil.which(t) for t in ("bash", "timeout", "tar")),
@@ -102,6 +102,8 @@ def test_dry_run(dry_runs, call):
             assert {r["dtype"] for r in document["records"]} == {dtype}
         assert "fastbert benchmarks" in (out / "models-report.md").read_text()
         assert summary["headline"]["models-grid.json"]["measured"]
+        host = json.loads((out / "host-overhead.json").read_text())
+        assert host["tiny_model"]["ratio"] > 0 and host["bert_base_stubbed"]["fastbert_host_us"] > 0
 
 
 @needs_shell
