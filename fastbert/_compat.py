@@ -1,7 +1,8 @@
 """Differences between the torch and Triton versions fastbert runs on, in one place.
 
-Checked with Triton 3.6 (GPU machines) and 3.9 (CPU machines). Ahead-of-time compilation
-relies on the ``ASTSource``/``GPUTarget`` API of Triton 3.2 and later.
+Checked with Triton 3.6 (GPU machines, torch 2.11), 3.8 (CI's CUDA build, torch 2.14) and 3.9
+(CPU machines, torch 2.13); 3.8 needed nothing of its own. Ahead-of-time compilation relies on
+the ``ASTSource``/``GPUTarget`` API of Triton 3.2 and later.
 """
 
 from __future__ import annotations
