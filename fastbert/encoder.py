@@ -136,9 +136,10 @@ def _attention_bias(mask: torch.Tensor, batch: int, heads: int, seqlen: int, dty
     return mask.expand(batch, heads, seqlen, seqlen)
 
 
-def _layer(k: backends.Kernels, w: views.LayerView, h, packing: Packing, bias, causal: bool, heads: int, gelu: str):
+def _layer(k: backends.Kernels, w: views.LayerView, h, packing: Packing, bias, causal: bool, heads: int, gelu: str,
+           tracing: bool):
     T, H = h.shape
-    w_qkv, b_qkv = w.qkv.get()
+    w_qkv, b_qkv = w.qkv.traced() if tracing else w.qkv.get()
     q, key, v = k.linear(h, w_qkv, b_qkv).view(T, 3, heads, H // heads).unbind(1)
     ctx = k.attention(q, key, v, packing.cu_seqlens, packing.max_seqlen, (H // heads) ** -0.5, causal, bias)
     a = k.linear(ctx.view(T, H), w.out_weight)
@@ -187,7 +188,8 @@ class Batch:
         if batch * seqlen == 0:
             self.checks = []  # nothing to read, and nothing to check
 
-        self.bias = self.valid = self.mask_bad = None
+        self.bias = self.valid = None
+        self.mask_check: list[torch.Tensor] = []  # integer masks: (min, max); float masks: (any value not 0/1,)
         self.causal = config.is_decoder
         if attention_mask is not None and attention_mask.dim() in (3, 4):
             self.bias = _attention_bias(attention_mask, batch, config.num_attention_heads, seqlen,
@@ -201,7 +203,10 @@ class Batch:
         else:
             self.valid = _key_padding(attention_mask, batch, seqlen, device)
             if attention_mask is not None and attention_mask.dtype != torch.bool and batch * seqlen:
-                self.mask_bad = ((attention_mask != 0) & (attention_mask != 1)).any()
+                if attention_mask.is_floating_point():
+                    self.mask_check = [((attention_mask != 0) & (attention_mask != 1)).any()]
+                else:
+                    self.mask_check = list(torch.aminmax(attention_mask))
             self.lengths = self.valid.sum(1, dtype=torch.int32)
             self.cu_seqlens = torch.nn.functional.pad(self.lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
@@ -210,8 +215,8 @@ class Batch:
         counted = self.valid is not None and self.batch > 0
         scalars = [self.cu_seqlens[-1], self.lengths.max()] if counted else []
         scalars += [b for check in self.checks for b in check.bounds()]
-        values = readback(scalars + ([self.mask_bad] if self.mask_bad is not None else []))
-        if self.mask_bad is not None and values[-1]:
+        values = readback(scalars + self.mask_check)
+        if self.mask_check and self._mask_is_bad(values[len(scalars):]):
             raise ValueError(_MASK_VALUES)
         first = 2 if counted else 0
         for i, check in enumerate(self.checks):
@@ -224,8 +229,15 @@ class Batch:
         """Check every value without reading anything back (asynchronous asserts)."""
         for check in self.checks:
             check.assert_on_device()
-        if self.mask_bad is not None:
-            torch._assert_async(~self.mask_bad, _MASK_VALUES)
+        if self.mask_check:
+            torch._assert_async(~self._mask_is_bad(self.mask_check), _MASK_VALUES)
+
+    def _mask_is_bad(self, check):
+        """From ``mask_check``'s values (read back, or still on the device): a value is not 0 or 1."""
+        if len(check) == 1:
+            return check[0]
+        low, high = check
+        return (low < 0) | (high > 1)
 
     def packing(self, rows: int, longest: int, exact: bool) -> Packing:
         """``rows`` packed rows: the valid tokens, then (unless ``exact``) dummy rows."""
@@ -261,7 +273,8 @@ def encode(
     """
     view = views.encoder_view(bert)
     batch = Batch(config, view, input_ids, attention_mask, token_type_ids, position_ids)
-    if token_capacity is not None or torch.compiler.is_compiling():
+    tracing = torch.compiler.is_compiling()
+    if token_capacity is not None or tracing:
         batch.assert_on_device()
         rows = batch.batch * batch.seqlen if token_capacity is None else token_capacity
         packing = batch.packing(rows, batch.seqlen, exact=False)
@@ -286,7 +299,8 @@ def encode(
     )
     states = [h] if output_hidden_states else None
     for layer in view.layers:
-        h = _layer(k, layer, h, packing, batch.bias, batch.causal, config.num_attention_heads, config.gelu_approximate)
+        h = _layer(k, layer, h, packing, batch.bias, batch.causal, config.num_attention_heads, config.gelu_approximate,
+                   tracing)
         if states is not None:
             states.append(h)
     hidden_states = tuple(packing.pad(s, k) for s in states) if states is not None else None

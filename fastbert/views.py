@@ -42,15 +42,19 @@ class FusedQKV:
         self._stamp = None
         self.weight = self.bias = None
 
+    def traced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused weight and bias as part of the graph (``torch.compile`` folds or reuses them)."""
+        return torch.cat(self.sources[:3]), torch.cat(self.sources[3:])
+
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused weight and bias, rebuilt if a source changed since the last call."""
-        s = self.sources
-        if torch.compiler.is_compiling():
-            return torch.cat(s[:3]), torch.cat(s[3:])
-        stamp = tuple(p._version for p in s) + tuple(p.data_ptr() for p in s)
+        wq, wk, wv, bq, bk, bv = self.sources
+        # Spelled out: this runs once per layer and forward, and a generator costs more than the check.
+        stamp = (wq._version, wk._version, wv._version, bq._version, bk._version, bv._version,
+                 wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), bq.data_ptr(), bk.data_ptr(), bv.data_ptr())
         if stamp != self._stamp:
             with torch.no_grad():
-                self.weight, self.bias = torch.cat(s[:3]), torch.cat(s[3:])
+                self.weight, self.bias = self.traced()
             self._stamp = stamp
         return self.weight, self.bias
 
