@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from fastbert import _compat
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
-OPS = ("attention", "linear_gelu", "add_layernorm", "embed_layernorm", "unpad", "pad")
+OPS = ("linear", "attention", "linear_gelu", "add_layernorm", "embed_layernorm", "unpad", "pad")
 DEVICE_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 ENV_VAR = "FASTBERT_BACKEND"
 
@@ -175,6 +175,8 @@ class Kernels(NamedTuple):
 def _traced(op: str, backend: str) -> Callable:
     from fastbert import ops
 
+    if op == "linear":
+        return F.linear  # Inductor plans GEMMs itself (and prepacks weights with freezing)
     custom_op = getattr(ops, op)
     return lambda *args: custom_op(*args, backend)
 
@@ -187,8 +189,8 @@ def kernels(device: torch.device, dtype: torch.dtype, backend: str | None = None
     """
     chosen = plan(device, backend, dtype)
     if torch.compiler.is_compiling():
-        return Kernels(F.linear, *(_traced(op, chosen[op]) for op in OPS))
+        return Kernels(*(_traced(op, chosen[op]) for op in OPS))
     key = (device.type, dtype, *chosen.values())
     if key not in _kernels_cache:
-        _kernels_cache[key] = Kernels(F.linear, *(implementation(op, chosen[op], device.type) for op in OPS))
+        _kernels_cache[key] = Kernels(*(implementation(op, chosen[op], device.type) for op in OPS))
     return _kernels_cache[key]

@@ -6,13 +6,16 @@ but attention. Importing fails with ImportError when the extension was not built
 selection then warns once and falls back (see :mod:`fastbert.backends`).
 
 The names below are the registered ops under the op names of :mod:`fastbert.reference`.
-``linear_gelu`` leaves the GEMM to ATen (MKL / oneDNN on CPU, cuBLAS on CUDA) and fuses bias
-and GELU into one pass over its output.
+``linear_gelu`` leaves the GEMM to a library (cuBLAS on CUDA; on CPU ATen or oneDNN with a
+prepacked weight, as :mod:`fastbert.cpu_gemm` picks, which also serves ``linear``) and fuses
+bias and GELU into one pass over its output.
 """
 
 from __future__ import annotations
 
 import torch
+
+from fastbert import cpu_gemm
 
 try:
     from fastbert import _C
@@ -53,8 +56,23 @@ def implements(op: str, device_type: str, dtype: torch.dtype | None = None) -> b
 # The registered ops themselves (their default overloads, the cheapest way to call them),
 # under the op names and with the argument order of fastbert.reference.
 attention = _ops.ext_attention.default
-linear_gelu = _ops.ext_linear_gelu.default
 add_layernorm = _ops.ext_add_layernorm.default
 embed_layernorm = _ops.ext_embed_layernorm.default
 unpad = _ops.ext_unpad.default
 pad = _ops.ext_pad.default
+
+
+_linear_gelu = _ops.ext_linear_gelu.default
+_bias_gelu_ = _ops.ext_bias_gelu_.default
+
+
+def linear(x, weight, bias=None):
+    return cpu_gemm.linear(x, weight, bias)
+
+
+def linear_gelu(x, weight, bias, approximate):
+    if x.device.type == "cpu" and cpu_gemm.use_onednn(x, weight):
+        y = torch.ops.mkldnn._linear_pointwise(x, cpu_gemm.packed(weight), None, "none", [], "")
+        _bias_gelu_(y, bias, approximate)
+        return y
+    return _linear_gelu(x, weight, bias, approximate)

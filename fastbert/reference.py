@@ -8,6 +8,7 @@ Shapes (T = total valid tokens over the batch, B = batch, S = padded length, H =
 N = heads, D = head dim):
 
 - attention: q, k, v ``[T, N, D]`` packed by ``cu_seqlens`` (int32 ``[B + 1]``) -> ``[T, N, D]``
+- linear: x ``[T, K]``, weight ``[F, K]``, bias ``[F]`` or None -> ``[T, F]``
 - linear_gelu: x ``[T, K]``, weight ``[F, K]``, bias ``[F]`` -> ``[T, F]``
 - add_layernorm: x, residual ``[T, H]`` -> ``[T, H]``
 - embed_layernorm: ids ``[T]`` (word, position, token type) -> ``[T, H]``
@@ -84,6 +85,11 @@ def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     if approximate == "tanh":
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
     raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ + b (every GEMM of the encoder that is not fused with GELU)."""
+    return F.linear(x, weight, bias)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""CPU GEMMs: ATen's ``addmm`` (MKL) or oneDNN's linear with a prepacked weight, by shape.
+
+GEMMs are most of a CPU forward, and which library is faster depends on the CPU and the shape.
+Measured (benchmarks/NOTES.md): on an AMD EPYC (Zen 3, AVX2, 2 threads) oneDNN with a weight
+prepacked into its blocked layout ran BERT-base's GEMMs 1.05-1.6x faster than MKL at 16-64
+rows, and MKL was 1.1x faster at 512 rows; on an Intel Xeon (AVX-512) the two measured the same
+at every BERT shape. oneDNN also pays a fixed cost per call that loses to MKL on tiny matrices.
+Hence the rule (``auto``): fp32, at most :data:`ONEDNN_MAX_ROWS` rows and both weight dims at
+least :data:`ONEDNN_MIN_DIM` take oneDNN; everything else takes ATen.
+
+``FASTBERT_CPU_GEMM`` (read at import; ``auto``, ``aten`` or ``onednn``) overrides the rule.
+Packed weights are made on first use and kept per weight tensor, rebuilt when its version or
+storage changes (an in-place update, ``load_state_dict``, ``.to()``), dropped with the tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+CHOICES = ("auto", "aten", "onednn")
+ONEDNN_MAX_ROWS = 64
+ONEDNN_MIN_DIM = 256
+
+GEMM = os.environ.get("FASTBERT_CPU_GEMM", "auto")
+if GEMM not in CHOICES:
+    raise ValueError(f"FASTBERT_CPU_GEMM must be one of {CHOICES}, got {GEMM!r}")
+
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+# id(weight) -> (weakref to it, (version, data pointer) when packed, packed weight)
+_packed: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+
+
+def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` runs on oneDNN with a prepacked weight (see the module docstring)."""
+    if GEMM == "aten" or not ONEDNN_AVAILABLE or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if GEMM == "onednn":
+        return True
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return rows <= ONEDNN_MAX_ROWS and min(weight.shape) >= ONEDNN_MIN_DIM
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [N, K] in oneDNN's blocked layout, made once per version of the weight."""
+    key = id(weight)
+    stamp = (weight._version, weight.data_ptr())
+    entry = _packed.get(key)
+    if entry is None or entry[0]() is not weight or entry[1] != stamp:
+        with torch.no_grad():
+            blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        # The entry goes with the weight (its id may be reused only after that).
+        entry = (weakref.ref(weight, lambda _, key=key: _packed.pop(key, None)), stamp, blocked)
+        _packed[key] = entry
+    return entry[2]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Wᵀ + b`` on the library the rule picks."""
+    if use_onednn(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "none", [], "")
+    return F.linear(x, weight, bias)
