@@ -119,8 +119,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    from benchmarks.runner import cpu_info
+
+    cpu = cpu_info()
+    isa = ", ".join(flag for flag, present in cpu["cpu_flags"].items() if present) or "ISA flags unknown"
+    print(f"{cpu['cpu_model']} ({cpu['cpu_vendor'] or 'vendor unknown'}; {isa}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     if args.ops or not args.model:
         ops(args.repeats)
     if args.model or not args.ops:

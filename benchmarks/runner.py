@@ -17,6 +17,7 @@ with the reason, one whose build raises as ``failed``. Then for each (batch, seq
 HF SDPA, the baseline of every speedup, always runs. ``tokens_per_s`` counts real (non-pad)
 tokens, the work a user asked for. ``load_avg`` (the 1-minute load average when the timing
 ended; this process adds about its thread count) tells a measurement taken on a busy machine.
+Every record names the machine (CPU vendor, model and ISA flags, see :func:`environment`).
 Records go to ``<out>/<run>.json``; ``python -m benchmarks.report <out>`` renders the markdown
 summary and the plot.
 """
@@ -60,6 +61,9 @@ DEFAULT_IMPLS = {
 # --quick (3 minutes at most on 2 busy cores) leaves out the peers that spend most of that
 # compiling or exporting, and HF eager (HF SDPA is the baseline).
 QUICK_SKIPS = ("hf-sdpa-compile", "hf-sdpa-compile-max-autotune", "onnxruntime", "hf-eager")
+# The ISA extensions that decide which CPU kernels run (oneDNN, MKL, torch's own): recorded as
+# present or absent in every record; bf16 GEMMs are fast only with AVX512-BF16 or AMX.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 PACKAGES = ("torch", "transformers", "triton", "onnxruntime", "sentence-transformers", "numpy")
 # Warnings every run would repeat; what they say is in the records (unavailable backends) or
 # irrelevant to timing (ONNX export tracing, nested tensors being a prototype API).
@@ -96,22 +100,19 @@ def default_impls(device: torch.device, quick: bool) -> tuple[str, ...]:
 
 
 def environment(device: torch.device) -> dict:
-    """What produced the numbers: machine, threads, package versions, commit."""
+    """What produced the numbers: machine (the CPU too on CUDA, see :func:`cpu_info`), threads,
+    package versions, commit."""
     versions = {"python": platform.python_version(), "fastbert": fastbert.__version__}
     for package in PACKAGES:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    cpu_model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu_model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                          if line.startswith("model name")), cpu_model)
+    cpu = cpu_info()
     return {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
-        "cpu_model": cpu_model,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu["cpu_model"],
+        **cpu,
         "num_threads": torch.get_num_threads(),
         "versions": versions,
         "commit": _commit(),
@@ -127,6 +128,33 @@ def _commit() -> str | None:
         return git("rev-parse", "--short=12", "HEAD").strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The CPU: ``cpu_vendor`` (``vendor_id``: GenuineIntel, AuthenticAMD) and ``cpu_model`` (model
+    name) from ``cpuinfo``, ``cpu_flags`` (each of :data:`ISA_FLAGS`: present or not) and torch's
+    ``cpu_capability`` (the kernels its CPU dispatch picked: AVX512, AVX2, ...). Without
+    ``cpuinfo`` (not Linux) or where it lacks a field (ARM), the vendor and the flags are None and
+    the model is what :mod:`platform` says."""
+    fields: dict[str, str] = {}
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():  # the first processor's block
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields["flags"].split()) if "flags" in fields else None
+    return {
+        "cpu_vendor": fields.get("vendor_id") or None,
+        "cpu_model": fields.get("model name") or platform.processor() or platform.machine() or "unknown",
+        "cpu_flags": {flag: None if flags is None else flag in flags for flag in ISA_FLAGS},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def device_folder(device: torch.device) -> str:

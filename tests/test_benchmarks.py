@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ RECORD_KEYS = {
     "impl", "status", "reason", "workload", "device", "device_name", "dtype", "batch", "seq_len", "fill", "mean_fill",
     "tokens", "median_ms", "p20_ms", "p80_ms", "reps", "first_call_ms", "tokens_per_s", "speedup_vs_hf_sdpa",
     "max_abs_err", "tolerance", "peak_mem_mb", "cuda_graph", "num_threads", "cpu_model", "versions", "commit",
+    "cpu_vendor", "cpu_flags", "cpu_capability",
 }
 
 
@@ -140,6 +142,11 @@ def test_end_to_end_json_and_report(tmp_path):
         assert (tmp_path / "partial.png").stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
     assert "| tiny | float32 | 3x33 | uniform" in summary and "fastbert-triton" in summary
+    cpu = runner.cpu_info()
+    header = summary.splitlines()[2]  # under the title
+    assert header.startswith(f"CPU: {cpu['cpu_model']} (") and f"torch CPU capability {cpu['cpu_capability']}" in header
+    if cpu["cpu_vendor"]:
+        assert cpu["cpu_vendor"] in header and "ISA " in header
 
 
 def test_fills_are_seeded_and_shaped():
@@ -272,3 +279,50 @@ def test_fastbert_cuda_graph_peer_is_right():
         expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
         got = run(ids, mask)
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ the machine
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse avx2 avx512f avx512bw amx_tile amx_bf16 avx512_bf16
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse avx2 avx512f avx512bw amx_tile amx_bf16 avx512_bf16
+"""
+
+
+def _this_cpu() -> tuple[str | None, str]:
+    """vendor_id and model name of this machine, read here independently of the runner."""
+    fields = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else []):
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields.get("vendor_id"), fields.get("model name") or platform.processor() or platform.machine()
+
+
+def test_records_name_the_cpu_vendor_model_and_isa_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO)
+    intel = runner.cpu_info(info)
+    assert intel["cpu_vendor"] == "GenuineIntel" and intel["cpu_model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert intel["cpu_flags"] == dict.fromkeys(runner.ISA_FLAGS, True)
+    assert intel["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    info.write_text(CPUINFO.replace(" amx_tile amx_bf16 avx512_bf16", "").replace("GenuineIntel", "AuthenticAMD"))
+    assert runner.cpu_info(info)["cpu_flags"] == {"avx2": True, "avx512f": True, "avx512_bf16": False,
+                                                  "amx_bf16": False, "amx_tile": False}
+    missing = runner.cpu_info(tmp_path / "absent")  # not Linux: no vendor, flags unknown, a model all the same
+    assert missing["cpu_vendor"] is None and missing["cpu_model"]
+    assert missing["cpu_flags"] == dict.fromkeys(runner.ISA_FLAGS)
+    # Every record carries this machine's CPU; the report's header names it.
+    env = runner.environment(torch.device("cpu"))
+    vendor, model = _this_cpu()
+    assert (env["cpu_vendor"], env["cpu_model"], env["device_name"]) == (vendor, model, model)
+    line = report.cpu_line(intel)
+    assert line == ("CPU: Intel(R) Xeon(R) Platinum 8480+ (GenuineIntel); ISA avx2, avx512f, avx512_bf16, amx_bf16, "
+                    f"amx_tile; torch CPU capability {intel['cpu_capability']}.")
+    assert "(no avx512_bf16, amx_bf16, amx_tile)" in report.cpu_line(runner.cpu_info(info))
+    assert "vendor not recorded" in report.cpu_line({"cpu_model": "Intel(R) Xeon(R) Processor"})  # older runs
