@@ -4,7 +4,7 @@
     python -m benchmarks                          # the full grid for the device
     python -m benchmarks --impl fastbert-torch,hf-eager --workload minilm --shapes 8x128 --fills skewed
     python -m benchmarks --kernels --device cuda  # each op against its PyTorch equivalent
-    python -m benchmarks.report benchmarks/results/cpu   # summary.md and plots from the JSON
+    python -m benchmarks.report benchmarks/results/cpu-intel-xeon-processor   # summary.md and plots from the JSON
 
 The exit status is 1 when some implementation's output was flagged wrong.
 """
@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fills", type=_names(FILLS), help=f"comma-separated, from: {', '.join(FILLS)}")
     p.add_argument("--budget", type=float,
                    help="seconds of timed rounds per measurement (default: CPU 4, --quick 1.5; CUDA 1, --quick 0.5)")
-    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>)")
+    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/cpu-<vendor>-<model> or "
+                   "cuda-<gpu>, named after this machine's CPU or GPU)")
     p.add_argument("--name", help="run name, the JSON's file name in --out (default: full, quick, or partial when "
                    "--impl/--workload/--dtype/--shapes/--fills narrow the run)")
     p.add_argument("--kernels", action="store_true", help="run the op microbenchmarks instead (benchmarks.kernels)")

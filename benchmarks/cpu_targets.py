@@ -5,9 +5,11 @@
 Prints the median time of each contender, measured interleaved in one process, and the ratio
 of medians. The baselines: torch eager for the op kernels, Hugging Face BertModel with SDPA
 attention for the model. A shared or busy machine makes single numbers noisy; the ratios of
-interleaved medians are the figures to quote. Run it as a module, as above: run as a file, it
-puts benchmarks/ first on sys.path, where kernels.py shadows the `kernels` package that
-transformers probes for, and importing BertModel fails.
+interleaved medians are the figures to quote. The first line names the CPU; a run's output is
+kept as ``targets.txt`` in that CPU's results folder (``benchmarks/results/cpu-<vendor>-<model>/``).
+Run it as a module, as above: run as a file, it puts benchmarks/ first on sys.path, where
+kernels.py shadows the `kernels` package that transformers probes for, and importing BertModel
+fails.
 """
 
 from __future__ import annotations

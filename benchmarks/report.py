@@ -1,4 +1,4 @@
-"""Render benchmark results: ``python -m benchmarks.report benchmarks/results/cpu``.
+"""Render benchmark results: ``python -m benchmarks.report benchmarks/results/cpu-intel-xeon-processor``.
 
 Reads every ``<run>.json`` the runner wrote in the folder and writes, next to them,
 ``summary.md`` (one section per run: time and speedup, accuracy, peak memory, and every
@@ -244,7 +244,7 @@ def render(folder: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, help="a results folder, e.g. benchmarks/results/cpu")
+    parser.add_argument("folder", type=Path, help="a results folder, e.g. benchmarks/results/cpu-intel-xeon-processor")
     args = parser.parse_args(argv)
     for path in render(args.folder):
         print(f"wrote {path}")

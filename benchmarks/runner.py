@@ -18,8 +18,9 @@ HF SDPA, the baseline of every speedup, always runs. ``tokens_per_s`` counts rea
 tokens, the work a user asked for. ``load_avg`` (the 1-minute load average when the timing
 ended; this process adds about its thread count) tells a measurement taken on a busy machine.
 Every record names the machine (CPU vendor, model and ISA flags, see :func:`environment`).
-Records go to ``<out>/<run>.json``; ``python -m benchmarks.report <out>`` renders the markdown
-summary and the plot.
+Records go to ``<out>/<run>.json``, by default in a folder named after the CPU or GPU
+(:func:`device_folder`); ``python -m benchmarks.report <out>`` renders the markdown summary and
+the plot.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ QUICK_SKIPS = ("hf-sdpa-compile", "hf-sdpa-compile-max-autotune", "onnxruntime",
 # The ISA extensions that decide which CPU kernels run (oneDNN, MKL, torch's own): recorded as
 # present or absent in every record; bf16 GEMMs are fast only with AVX512-BF16 or AMX.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 PACKAGES = ("torch", "transformers", "triton", "onnxruntime", "sentence-transformers", "numpy")
 # Warnings every run would repeat; what they say is in the records (unavailable backends) or
 # irrelevant to timing (ONNX export tracing, nested tensors being a prototype API).
@@ -157,12 +159,29 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     }
 
 
+def _slug(text: str) -> list[str]:
+    return "".join(c if c.isalnum() else " " for c in text.lower()).split()
+
+
+def cpu_folder(vendor: str | None, model: str) -> str:
+    """``cpu-<vendor>-<model>``, e.g. ``cpu-intel-xeon-platinum-8480`` or ``cpu-amd-epyc-7763-64-core-processor``:
+    trademark marks dropped, and the vendor not repeated when the model name starts with it. A
+    model name alone (``vendor`` None: not recorded, or not Linux) gives the same folder when it
+    starts with the vendor's name, as Intel's and AMD's do."""
+    short = VENDORS.get(vendor, "-".join(_slug(vendor))) if vendor else None
+    words = _slug(model.replace("(R)", " ").replace("(r)", " ").replace("(TM)", " ").replace("(tm)", " "))
+    if short and words[:1] != [short]:
+        words = [short, *words]
+    return "-".join(["cpu", *(words or ["unknown"])])
+
+
 def device_folder(device: torch.device) -> str:
-    """``cpu``, or ``cuda-<gpu name>`` so results of different GPUs do not mix."""
+    """``cpu-<vendor>-<model>`` (:func:`cpu_folder`) or ``cuda-<gpu name>``: results of different
+    CPUs or GPUs never share a folder."""
     if device.type != "cuda":
-        return device.type
-    name = torch.cuda.get_device_name(device).lower()
-    return "cuda-" + "-".join("".join(c if c.isalnum() else " " for c in name).split())
+        cpu = cpu_info()
+        return cpu_folder(cpu["cpu_vendor"], cpu["cpu_model"])
+    return "cuda-" + "-".join(_slug(torch.cuda.get_device_name(device)))
 
 
 def _reason(exc: BaseException) -> str:

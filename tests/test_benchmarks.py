@@ -26,6 +26,7 @@ RECORD_KEYS = {
     "max_abs_err", "tolerance", "peak_mem_mb", "cuda_graph", "num_threads", "cpu_model", "versions", "commit",
     "cpu_vendor", "cpu_flags", "cpu_capability",
 }
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def _options(tmp_path: Path, impls: tuple[str, ...], fills=("full", "skewed")) -> runner.Options:
@@ -326,3 +327,32 @@ def test_records_name_the_cpu_vendor_model_and_isa_flags(tmp_path):
                     f"amx_tile; torch CPU capability {intel['cpu_capability']}.")
     assert "(no avx512_bf16, amx_bf16, amx_tile)" in report.cpu_line(runner.cpu_info(info))
     assert "vendor not recorded" in report.cpu_line({"cpu_model": "Intel(R) Xeon(R) Processor"})  # older runs
+
+
+def test_results_of_different_cpus_go_to_different_folders(monkeypatch):
+    intel = runner.cpu_folder("GenuineIntel", "Intel(R) Xeon(R) Platinum 8480+")
+    amd = runner.cpu_folder("AuthenticAMD", "AMD EPYC 7763 64-Core Processor")
+    assert (intel, amd) == ("cpu-intel-xeon-platinum-8480", "cpu-amd-epyc-7763-64-core-processor")
+    assert runner.cpu_folder(None, "Intel(R) Xeon(R) Platinum 8480+") == intel  # vendor not recorded
+    assert runner.cpu_folder("AuthenticAMD", "AMD EPYC 9654") != runner.cpu_folder("AuthenticAMD", "AMD EPYC 7763")
+    # The default folder is named after this machine's CPU.
+    vendor, model = _this_cpu()
+    folder = runner.device_folder(torch.device("cpu"))
+    assert folder == runner.cpu_folder(vendor, model) and folder.startswith("cpu-")
+    assert folder.endswith("-".join("".join(c if c.isalnum() else " " for c in model.lower()).split()[-1:]))
+    chosen = []
+    monkeypatch.setattr(runner, "main", lambda options: chosen.append(options) or [])
+    assert cli.main(["--device", "cpu", "--workload", "tiny"]) == 0
+    assert chosen[0].out == runner.RESULTS / folder
+
+
+def test_committed_cpu_results_sit_in_the_folder_their_records_name():
+    assert not (RESULTS / "cpu").exists()
+    folders = sorted(RESULTS.glob("cpu-*"))
+    assert folders
+    for folder in folders:
+        documents = sorted(folder.glob("*.json"))
+        assert documents and (folder / "summary.md").exists(), folder
+        for path in documents:
+            run = json.loads(path.read_text())["run"]
+            assert runner.cpu_folder(run.get("cpu_vendor"), run["cpu_model"]) == folder.name, path
