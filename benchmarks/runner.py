@@ -53,7 +53,7 @@ FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}
 DEFAULT_IMPLS = {
     "cpu": ("fastbert-cpp", "fastbert-torch", "fastbert-triton", "hf-eager", "hf-sdpa", "hf-sdpa-compile",
-            "nested-tensor", "onnxruntime"),
+            "hf-sdpa-compile-freezing", "nested-tensor", "onnxruntime"),
     # On CUDA, HF SDPA (the baseline) and the other graphable peers are also timed replayed from a
     # CUDA graph ("+cudagraph"), beside fastbert with and without its own CUDA graphs.
     "cuda": ("fastbert-triton", "fastbert-triton-graphs", "fastbert-cuda", "fastbert-torch", "hf-eager", "hf-sdpa",
@@ -61,7 +61,8 @@ DEFAULT_IMPLS = {
 }
 # --quick (3 minutes at most on 2 busy cores) leaves out the peers that spend most of that
 # compiling or exporting, and HF eager (HF SDPA is the baseline).
-QUICK_SKIPS = ("hf-sdpa-compile", "hf-sdpa-compile-max-autotune", "onnxruntime", "hf-eager")
+QUICK_SKIPS = ("hf-sdpa-compile", "hf-sdpa-compile-max-autotune", "hf-sdpa-compile-freezing", "onnxruntime",
+               "hf-eager")
 # The ISA extensions that decide which CPU kernels run (oneDNN, MKL, torch's own): recorded as
 # present or absent in every record; bf16 GEMMs are fast only with AVX512-BF16 or AMX.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -255,6 +256,7 @@ class Runner:
                 for fill in self.o.fills:
                     self.measure(name, reference, runs, dtype, batch, seq_len, fill, model.config.vocab_size)
             del runs, converted
+            torch._dynamo.reset()  # compiled graphs (frozen ones hold weight copies) go with their models
 
     def build(self, workload: str, model: torch.nn.Module, dtype: torch.dtype) -> dict:
         device = self.o.device

@@ -1,6 +1,7 @@
 """The benchmark runner: correctness flagging, failure reporting, the JSON records, rendering.
 
-Everything runs on the ``tiny`` workload (2 layers, hidden 64) with a short timing budget.
+Everything runs on the ``tiny`` workload (2 layers, hidden 64) with a short timing budget. The
+tests that compile with Inductor take 5-15 s each (a cold compile of the tiny model).
 """
 
 from __future__ import annotations
@@ -175,7 +176,9 @@ def test_nested_encoder_matches_hf():
 def test_quick_mode_covers_minilm_and_bert_base():
     quick = {w.name for w in workloads.WORKLOADS.values() if w.quick_shapes}
     assert {"minilm", "bert-base"} <= quick
-    assert "hf-sdpa-compile" not in runner.default_impls(torch.device("cpu"), quick=True)
+    cpu_quick = runner.default_impls(torch.device("cpu"), quick=True)
+    assert "hf-sdpa-compile" not in cpu_quick and "hf-sdpa-compile-freezing" not in cpu_quick
+    assert "hf-sdpa-compile-freezing" in runner.default_impls(torch.device("cpu"), quick=False)
 
 
 def test_kernels_mode_without_module(monkeypatch, capsys):
@@ -356,3 +359,45 @@ def test_committed_cpu_results_sit_in_the_folder_their_records_name():
         for path in documents:
             run = json.loads(path.read_text())["run"]
             assert runner.cpu_folder(run.get("cpu_vendor"), run["cpu_model"]) == folder.name, path
+
+
+# ------------------------------------------------------------------------------ Inductor freezing
+def test_freezing_peer_folds_the_weights_and_does_not_leak(tmp_path, monkeypatch):
+    # Two cold compiles of the tiny model (about 10-20 s), in the runner's order: plain torch.compile,
+    # then the frozen one on the same shape and the same (shared) weights. Without its own backend
+    # options the frozen peer would reuse the plain graph, and never freeze.
+    from torch._inductor import compile_fx, config, freezing
+
+    compiles, frozen, depth = [], [], [0]
+    real_compile_fx, real_freeze = compile_fx.compile_fx, freezing.freeze
+
+    def spy_compile_fx(*args, **kwargs):  # the flag as Dynamo saw it when it traced
+        if not depth[0]:  # compile_fx calls itself to apply a compile's options
+            compiles.append((config.freezing, torch.is_grad_enabled()))
+        depth[0] += 1
+        try:
+            return real_compile_fx(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    def spy_freeze(dynamo_gm, aot_gm, example_inputs):
+        graph, kept = real_freeze(dynamo_gm, aot_gm, example_inputs)
+        frozen.append((len(example_inputs), len(kept)))
+        return graph, kept
+
+    monkeypatch.setattr(compile_fx, "compile_fx", spy_compile_fx)
+    monkeypatch.setattr(freezing, "freeze", spy_freeze)
+    records = runner.Runner(_options(tmp_path, ("hf-sdpa-compile", "hf-sdpa-compile-freezing"),
+                                     fills=("uniform",))).run()
+    by_impl = {r["impl"]: r for r in records}
+    assert compiles == [(False, False), (True, False)]  # one compile each, freezing on only for its peer
+    # Freezing ran once, for its peer, and left only input_ids and attention_mask as graph inputs:
+    # every weight became a constant of the graph.
+    assert len(frozen) == 1 and frozen[0][1] == 2 and frozen[0][0] > 2 * 2 * 6
+    assert not config.freezing  # restored
+    for impl in ("hf-sdpa-compile-freezing", "hf-sdpa-compile"):
+        assert by_impl[impl]["status"] == "ok" and by_impl[impl]["max_abs_err"] <= by_impl[impl]["tolerance"]
+    if torch.backends.mkldnn.is_available() and torch._C.has_mkl:  # x86: the 12 linear weights prepacked for oneDNN
+        assert by_impl["hf-sdpa-compile-freezing"]["detail"] == (
+            "Inductor freezing: 12 linear weights prepacked for oneDNN")
+    assert by_impl["hf-sdpa-compile"]["detail"] is None
