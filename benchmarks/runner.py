@@ -14,13 +14,15 @@ with the reason, one whose build raises as ``failed``. Then for each (batch, seq
    included, flagged) are timed in interleaved rounds (repeated when the spread shows a burst
    of load from elsewhere, see :meth:`Runner.timed_rounds`).
 
-HF SDPA, the baseline of every speedup, always runs. ``tokens_per_s`` counts real (non-pad)
-tokens, the work a user asked for. ``load_avg`` (the 1-minute load average when the timing
-ended; this process adds about its thread count) tells a measurement taken on a busy machine.
-Every record names the machine (CPU vendor, model and ISA flags, see :func:`environment`).
-Records go to ``<out>/<run>.json``, by default in a folder named after the CPU or GPU
-(:func:`device_folder`); ``python -m benchmarks.report <out>`` renders the markdown summary and
-the plot.
+After the grid come the options' extra :class:`Section` s (the default CPU grid: bf16 at
+BERT-base 8x128, uniform fill, where the CPU has AVX512-BF16 or AMX; elsewhere one
+``unavailable`` record says why). HF SDPA, the baseline of every speedup, always runs.
+``tokens_per_s`` counts real (non-pad) tokens, the work a user asked for. ``load_avg`` (the
+1-minute load average when the timing ended; this process adds about its thread count) tells a
+measurement taken on a busy machine. Every record names the machine (CPU vendor, model and ISA
+flags, see :func:`environment`). Records go to ``<out>/<run>.json``, by default in a folder
+named after the CPU or GPU (:func:`device_folder`); ``python -m benchmarks.report <out>``
+renders the markdown summary and the plot.
 """
 
 from __future__ import annotations
@@ -79,6 +81,24 @@ QUIET = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A slice of the grid run in addition to it: one workload in one dtype at the given shapes and
+    fills, on a CPU having any of the ``needs`` flags (else one ``unavailable`` record says why)."""
+    workload: str
+    dtype: torch.dtype
+    shapes: tuple[tuple[int, int], ...]
+    fills: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+
+
+# bf16 on CPU: one BERT-base row, where bf16 GEMMs have hardware support (without AVX512-BF16 or
+# AMX, oneDNN/MKL emulate them and every peer is several times slower than in fp32). An explicit
+# --dtype bfloat16 runs the whole grid in bf16 on any CPU.
+CPU_BF16 = Section("bert-base", torch.bfloat16, ((8, 128),), ("uniform",), needs=("avx512_bf16", "amx_bf16"))
+DEFAULT_SECTIONS = {"cpu": (CPU_BF16,), "cuda": ()}
+
+
 @dataclasses.dataclass
 class Options:
     device: torch.device
@@ -95,6 +115,7 @@ class Options:
     budget_s: float = 6.0  # timed rounds per measurement: about this long, within [min_reps, max_reps]
     attempts: int = 3  # timed-round attempts at most, while the spread stays above max_spread
     max_spread: float = 1.25
+    sections: tuple[Section, ...] = ()  # run after the grid (the full default grid has DEFAULT_SECTIONS)
 
 
 def default_impls(device: torch.device, quick: bool) -> tuple[str, ...]:
@@ -230,9 +251,28 @@ class Runner:
                 warnings.filterwarnings("ignore", message=message)
             for name in self.o.workloads:
                 self.workload(name)
+            for section in self.o.sections:
+                self.section(section)
         return self.records
 
-    def workload(self, name: str) -> None:
+    def section(self, section: Section) -> None:
+        flags = self.env["cpu_flags"]
+        if section.needs and not any(flags.get(flag) for flag in section.needs):
+            have = [f for f, present in flags.items() if present]
+            known = "flags unknown" if all(v is None for v in flags.values()) else f"it has {', '.join(have) or 'none'}"
+            dtype = str(section.dtype).removeprefix("torch.")
+            shapes = ", ".join(f"{b}x{s}" for b, s in section.shapes)
+            reason = (f"{dtype} rows ({shapes} {', '.join(section.fills)}) need a CPU with "
+                      f"{' or '.join(section.needs)} ({known}; torch CPU capability {self.env['cpu_capability']}); "
+                      f"--dtype {dtype} runs them anyway")
+            self.record(impl="(all)", workload=section.workload, dtype=dtype, status="unavailable", reason=reason)
+            _progress(f"  {section.workload} {dtype}: unavailable: {reason}")
+            return
+        self.workload(section.workload, (section.dtype,), section.shapes, section.fills)
+
+    def workload(self, name: str, dtypes: tuple[torch.dtype, ...] | None = None,
+                 shapes: tuple[tuple[int, int], ...] | None = None, fills: tuple[str, ...] | None = None) -> None:
+        """Every implementation on workload ``name``: the options' dtypes, shapes and fills, or these."""
         device = self.o.device
         workload = WORKLOADS[name]
         try:
@@ -246,14 +286,14 @@ class Runner:
             _progress(f"  {name}: FAILED to load: {_reason(exc)}")
             return
         reference = hf_module(model, "eager")
-        shapes = self.o.shapes or shapes_for(workload, device.type, self.o.quick)
+        shapes = shapes or self.o.shapes or shapes_for(workload, device.type, self.o.quick)
         shapes = [s for s in shapes if s[1] <= model.config.max_position_embeddings]
-        for dtype in self.o.dtypes:
+        for dtype in dtypes or self.o.dtypes:
             # A real copy: converting a weight-sharing one would convert the reference's weights too.
             converted = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
             runs = self.build(name, converted, dtype)
             for batch, seq_len in shapes:
-                for fill in self.o.fills:
+                for fill in fills or self.o.fills:
                     self.measure(name, reference, runs, dtype, batch, seq_len, fill, model.config.vocab_size)
             del runs, converted
             torch._dynamo.reset()  # compiled graphs (frozen ones hold weight copies) go with their models
@@ -373,7 +413,10 @@ class Runner:
                    "dtypes": [str(d).removeprefix("torch.") for d in self.o.dtypes], "fills": list(self.o.fills),
                    "shapes": self.o.shapes and [list(s) for s in self.o.shapes], "budget_s": self.o.budget_s,
                    "min_reps": self.o.min_reps, "max_reps": self.o.max_reps, "attempts": self.o.attempts,
-                   "max_spread": self.o.max_spread}
+                   "max_spread": self.o.max_spread,
+                   "sections": [{"workload": x.workload, "dtype": str(x.dtype).removeprefix("torch."),
+                                 "shapes": [list(s) for s in x.shapes], "fills": list(x.fills), "needs": list(x.needs)}
+                                for x in self.o.sections]}
         done = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds") if finished else None
         document = {"run": {"name": self.o.run_name, "started": self.started, "finished": done, **self.env,
                             "options": options},

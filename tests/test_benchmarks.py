@@ -30,9 +30,9 @@ RECORD_KEYS = {
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-def _options(tmp_path: Path, impls: tuple[str, ...], fills=("full", "skewed")) -> runner.Options:
+def _options(tmp_path: Path, impls: tuple[str, ...], fills=("full", "skewed"), dtype=torch.float32) -> runner.Options:
     return runner.Options(device=torch.device("cpu"), quick=False, impls=impls, workloads=("tiny",),
-                          dtypes=(torch.float32,), out=tmp_path, run_name="test", shapes=((3, 24),), fills=fills,
+                          dtypes=(dtype,), out=tmp_path, run_name="test", shapes=((3, 24),), fills=fills,
                           min_reps=2, max_reps=3, budget_s=0.0)
 
 
@@ -359,6 +359,58 @@ def test_committed_cpu_results_sit_in_the_folder_their_records_name():
         for path in documents:
             run = json.loads(path.read_text())["run"]
             assert runner.cpu_folder(run.get("cpu_vendor"), run["cpu_model"]) == folder.name, path
+
+
+# ------------------------------------------------------------------------------ bf16 on CPU
+def test_bfloat16_rows_on_cpu_and_the_accuracy_rule(tmp_path, monkeypatch):
+    # Error against HF eager fp32 <= 4x HF SDPA bf16's own error + the bf16 floor.
+    monkeypatch.setitem(PEERS, "off-by-0.01", Peer("off-by-0.01", _sdpa_plus(0.01)))
+    monkeypatch.setitem(PEERS, "off-by-0.5", Peer("off-by-0.5", _sdpa_plus(0.5)))
+    impls = ("fastbert-cpp", "fastbert-torch", "nested-tensor", "hf-sdpa-compile", "onnxruntime", "off-by-0.01",
+             "off-by-0.5")
+    records = runner.Runner(_options(tmp_path, impls, fills=("uniform",), dtype=torch.bfloat16)).run()
+    grouped = _by_impl(records)
+    baseline = grouped["hf-sdpa"][0]
+    assert baseline["dtype"] == "bfloat16" and baseline["max_abs_err"] > 1e-3  # really ran in bf16
+    assert baseline["tolerance"] == pytest.approx(4 * baseline["max_abs_err"] + 5e-2)
+    for impl in ("fastbert-torch", "nested-tensor", "hf-sdpa-compile", "off-by-0.01"):
+        assert [r["status"] for r in grouped[impl]] == ["ok"], grouped[impl]
+    assert grouped["fastbert-cpp"][0]["status"] in ("ok", "unavailable")
+    assert grouped["off-by-0.5"][0]["status"] == "wrong"
+    assert grouped["onnxruntime"][0]["status"] == "unavailable" and "fp32 only" in grouped["onnxruntime"][0]["reason"]
+
+
+def test_bf16_section_runs_only_where_the_cpu_has_bf16_gemms(tmp_path):
+    section = runner.Section("tiny", torch.bfloat16, ((2, 16),), ("uniform",), needs=("avx512_bf16", "amx_bf16"))
+    options = _options(tmp_path, ("fastbert-torch",), fills=("full",))
+    options.sections = (section,)
+    without = runner.Runner(options)
+    without.env["cpu_flags"] = {**dict.fromkeys(runner.ISA_FLAGS, False), "avx2": True}
+    records = without.run()
+    assert {r["dtype"] for r in records if r["status"] == "ok"} == {"float32"}
+    [skipped] = [r for r in records if r["dtype"] == "bfloat16"]
+    assert (skipped["impl"], skipped["status"]) == ("(all)", "unavailable")
+    assert "avx512_bf16 or amx_bf16" in skipped["reason"] and "it has avx2" in skipped["reason"]
+    assert "avx512_bf16 or amx_bf16" in report.run_table(records)
+    with_amx = runner.Runner(options)
+    with_amx.env["cpu_flags"] = dict.fromkeys(runner.ISA_FLAGS, True)
+    bf16 = [r for r in with_amx.run() if r["dtype"] == "bfloat16"]
+    assert {(r["impl"], r["status"], r["batch"], r["seq_len"], r["fill"]) for r in bf16} == {
+        ("hf-sdpa", "ok", 2, 16, "uniform"), ("fastbert-torch", "ok", 2, 16, "uniform")}
+
+
+def test_default_cpu_grid_has_the_bf16_section_and_explicit_dtype_always_runs(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(runner, "main", lambda options: chosen.append(options) or [])
+    cli.main(["--device", "cpu"])
+    cli.main(["--device", "cpu", "--impl", "fastbert-cpp"])
+    cli.main(["--device", "cpu", "--quick"])
+    cli.main(["--device", "cpu", "--dtype", "bfloat16", "--workload", "tiny"])
+    full, impl_only, quick, explicit = chosen
+    assert full.sections == impl_only.sections == (runner.CPU_BF16,) and full.dtypes == (torch.float32,)
+    assert runner.CPU_BF16.workload == "bert-base" and runner.CPU_BF16.shapes == ((8, 128),)
+    assert runner.CPU_BF16.fills == ("uniform",)
+    assert quick.sections == () and explicit.sections == () and explicit.dtypes == (torch.bfloat16,)
 
 
 # ------------------------------------------------------------------------------ Inductor freezing
