@@ -1,10 +1,11 @@
 """``python -m benchmarks``: fastbert against its peers on BERT workloads (``--kernels``: op microbenchmarks).
 
     python -m benchmarks --quick                  # MiniLM + a small BERT-base shape: 20 s on 2 idle cores, < 3 min busy
-    python -m benchmarks                          # the full grid for the device
+    python -m benchmarks                          # the full grid for the device (CPU: + bf16 BERT-base 8x128 uniform)
     python -m benchmarks --impl fastbert-torch,hf-eager --workload minilm --shapes 8x128 --fills skewed
     python -m benchmarks --kernels --device cuda  # each op against its PyTorch equivalent
-    python -m benchmarks.report benchmarks/results/cpu   # summary.md and plots from the JSON
+    python -m benchmarks --dtype bfloat16 --workload bert-base --shapes 8x128 --fills uniform  # bf16, any CPU
+    python -m benchmarks.report benchmarks/results/cpu-intel-xeon-processor   # summary.md and plots from the JSON
 
 The exit status is 1 when some implementation's output was flagged wrong.
 """
@@ -53,12 +54,14 @@ def parser() -> argparse.ArgumentParser:
                    "(HF SDPA, the baseline, always runs)")
     p.add_argument("--workload", type=_names(tuple(WORKLOADS)), help=f"comma-separated, from: {', '.join(WORKLOADS)}")
     p.add_argument("--dtype", type=_names(("float32", "float16", "bfloat16")),
-                   help="comma-separated (default: float32 on CPU, float16,bfloat16 on CUDA)")
+                   help="comma-separated (default: float32 on CPU, plus bfloat16 at BERT-base 8x128 uniform where the "
+                   "CPU has AVX512-BF16 or AMX; float16,bfloat16 on CUDA)")
     p.add_argument("--shapes", type=_shapes, help="BATCHxSEQ list replacing the grid, e.g. 8x128,1x16")
     p.add_argument("--fills", type=_names(FILLS), help=f"comma-separated, from: {', '.join(FILLS)}")
     p.add_argument("--budget", type=float,
                    help="seconds of timed rounds per measurement (default: CPU 4, --quick 1.5; CUDA 1, --quick 0.5)")
-    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<device>)")
+    p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/cpu-<vendor>-<model> or "
+                   "cuda-<gpu>, named after this machine's CPU or GPU)")
     p.add_argument("--name", help="run name, the JSON's file name in --out (default: full, quick, or partial when "
                    "--impl/--workload/--dtype/--shapes/--fills narrow the run)")
     p.add_argument("--kernels", action="store_true", help="run the op microbenchmarks instead (benchmarks.kernels)")
@@ -114,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         run_name=args.name or ("partial" if restricted else "quick" if quick else "full"),
         shapes=args.shapes,
         fills=args.fills or (QUICK_FILLS if quick else FILLS),
+        # The default grid's extra slices (bf16 on CPU); --impl alone keeps them, any other narrowing drops them.
+        sections=() if quick or any(x is not None for x in (args.workload, args.dtype, args.shapes, args.fills))
+        else runner.DEFAULT_SECTIONS[device.type],
         **TIMING[device.type, quick],
     )
     if args.budget is not None:

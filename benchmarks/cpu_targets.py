@@ -5,9 +5,11 @@
 Prints the median time of each contender, measured interleaved in one process, and the ratio
 of medians. The baselines: torch eager for the op kernels, Hugging Face BertModel with SDPA
 attention for the model. A shared or busy machine makes single numbers noisy; the ratios of
-interleaved medians are the figures to quote. Run it as a module, as above: run as a file, it
-puts benchmarks/ first on sys.path, where kernels.py shadows the `kernels` package that
-transformers probes for, and importing BertModel fails.
+interleaved medians are the figures to quote. The first line names the CPU; a run's output is
+kept as ``targets.txt`` in that CPU's results folder (``benchmarks/results/cpu-<vendor>-<model>/``).
+Run it as a module, as above: run as a file, it puts benchmarks/ first on sys.path, where
+kernels.py shadows the `kernels` package that transformers probes for, and importing BertModel
+fails.
 """
 
 from __future__ import annotations
@@ -119,8 +121,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    from benchmarks.runner import cpu_info
+
+    cpu = cpu_info()
+    isa = ", ".join(flag for flag, present in cpu["cpu_flags"].items() if present) or "ISA flags unknown"
+    print(f"{cpu['cpu_model']} ({cpu['cpu_vendor'] or 'vendor unknown'}; {isa}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     if args.ops or not args.model:
         ops(args.repeats)
     if args.model or not args.ops:

@@ -90,6 +90,41 @@ def _compiled(mode: str | None = None):
     return build
 
 
+def _compiled_frozen(model, device, dtype):
+    """HF SDPA compiled by Inductor with freezing: the weights become constants of the graph,
+    folded and, on CPU, prepacked for oneDNN's linear (the oneDNN/MKL path PyTorch recommends for
+    CPU inference).
+
+    Freezing has two readers of ``torch._inductor.config.freezing``, both inside the call that
+    compiles (the first call of each shape, ``dynamic=False``): Dynamo, when it traces, turns the
+    parameters into graph attributes (guarded by identity) only if the flag is on; Inductor then
+    folds them in. ``torch.compile(options={"freezing": True})`` reaches Inductor only: the weights
+    stay graph inputs and nothing is folded. So every call runs under ``config.patch(freezing=True)``
+    (restored on return, about 5 us) and ``no_grad`` (freezing is skipped with grad on); the
+    options make this compile's backend distinct, so no other compiled peer's cache entry, made
+    with freezing off on the same shared weights, is reused here, nor this one there. ``run.detail``
+    says how many linear weights the last compile prepacked."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled = torch.compile(_hidden(hf_module(model, "sdpa")), dynamic=False, options={"freezing": True})
+    freezing = config.patch(freezing=True)
+    key = "mkldnn_linear_weight_pack_matcher_count"
+
+    def run(input_ids, attention_mask):
+        # Looked up each time: torch._dynamo.reset() clears the counters.
+        graphs, packs = counters["stats"]["unique_graphs"], counters["inductor"][key]
+        with freezing, torch.no_grad():
+            out = compiled(input_ids, attention_mask)
+        if counters["stats"]["unique_graphs"] != graphs:  # this call compiled (0 packed: e.g. bf16 without AVX-512)
+            run.detail = f"Inductor freezing: {counters['inductor'][key] - packs} linear weights prepacked for oneDNN"
+        return out
+
+    run.detail = None
+    return run
+
+
 def _fastbert(backend: str, cuda_graphs: bool = False):
     def build(model, device, dtype):
         if backend == "triton" and device.type == "cpu":
@@ -196,6 +231,9 @@ def onnx_file(model: nn.Module) -> Path:
 def _onnxruntime(model, device, dtype):
     if device.type != "cpu":
         raise Unavailable("ONNX Runtime is benchmarked on CPU only")
+    if dtype != torch.float32:
+        raise Unavailable("ONNX Runtime is benchmarked in fp32 only (in bfloat16, the exported BERT graph has "
+                          "ops its CPU provider has no kernels for)")
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -227,6 +265,9 @@ PEERS = {
         # Inductor's GEMM autotuning and its own CUDA graphs: the strongest stock-PyTorch peer on a
         # GPU. Not graphable again; its graph pool lives between calls.
         Peer("hf-sdpa-compile-max-autotune", _compiled("max-autotune"), memory_visible=False),
+        # Inductor with freezing (weights folded into the graph, prepacked for oneDNN on CPU): the
+        # strongest stock-PyTorch peer on a CPU.
+        Peer("hf-sdpa-compile-freezing", _compiled_frozen),
         Peer("nested-tensor", _nested),
         Peer("onnxruntime", _onnxruntime, memory_visible=False),
     )

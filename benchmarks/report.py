@@ -1,4 +1,4 @@
-"""Render benchmark results: ``python -m benchmarks.report benchmarks/results/cpu``.
+"""Render benchmark results: ``python -m benchmarks.report benchmarks/results/cpu-intel-xeon-processor``.
 
 Reads every ``<run>.json`` the runner wrote in the folder and writes, next to them,
 ``summary.md`` (one section per run: time and speedup, accuracy, peak memory, and every
@@ -121,6 +121,24 @@ def run_table(records: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+def cpu_line(run: dict) -> str:
+    """The CPU a run had: vendor, model, which of the recorded ISA flags it has, torch's CPU capability
+    (runs recorded before these fields say so)."""
+    flags = run.get("cpu_flags") or {}
+    known = {k: v for k, v in flags.items() if v is not None}
+    if known:
+        have = [k for k, v in known.items() if v]
+        isa = f"ISA {', '.join(have) or 'none of ' + ', '.join(known)}"
+        if have and len(have) < len(known):
+            isa += f" (no {', '.join(k for k, v in known.items() if not v)})"
+    else:
+        isa = "ISA flags not recorded"
+    capability = run.get("cpu_capability")
+    vendor = run.get("cpu_vendor") or "vendor not recorded"
+    return (f"CPU: {run.get('cpu_model') or 'model not recorded'} ({vendor}); {isa}; "
+            f"torch CPU capability {capability or 'not recorded'}.")
+
+
 def _header(run: dict) -> str:
     v = run["versions"]
     versions = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "triton", "onnxruntime") if k in v)
@@ -131,11 +149,14 @@ def _header(run: dict) -> str:
 
 def summary(documents: list[dict]) -> str:
     run0 = documents[0]["run"]
-    parts = [f"# fastbert benchmarks: {run0['device_name']}"]
+    parts = [f"# fastbert benchmarks: {run0['device_name']}", cpu_line(run0)]
     for doc in documents:
         run, records = doc["run"], doc["records"]
         flags = " --quick" if run["options"]["quick"] else ""
-        parts += [f"## Run `{run['name']}`", _header(run), HOW.format(flags=flags),
+        header = _header(run)
+        if cpu_line(run) != cpu_line(run0):  # runs of another CPU copied into this folder
+            header += " " + cpu_line(run)
+        parts += [f"## Run `{run['name']}`", header, HOW.format(flags=flags),
                   "### Time (median) and speedup over HF SDPA", _pivot(records, _time_cell, spread=True),
                   "### Max abs error vs HF eager fp32 (valid tokens)", _pivot(records, _error_cell),
                   "### Peak memory growth during one call (MiB)", _pivot(records, _memory_cell),
@@ -223,7 +244,7 @@ def render(folder: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, help="a results folder, e.g. benchmarks/results/cpu")
+    parser.add_argument("folder", type=Path, help="a results folder, e.g. benchmarks/results/cpu-intel-xeon-processor")
     args = parser.parse_args(argv)
     for path in render(args.folder):
         print(f"wrote {path}")

@@ -14,11 +14,15 @@ with the reason, one whose build raises as ``failed``. Then for each (batch, seq
    included, flagged) are timed in interleaved rounds (repeated when the spread shows a burst
    of load from elsewhere, see :meth:`Runner.timed_rounds`).
 
-HF SDPA, the baseline of every speedup, always runs. ``tokens_per_s`` counts real (non-pad)
-tokens, the work a user asked for. ``load_avg`` (the 1-minute load average when the timing
-ended; this process adds about its thread count) tells a measurement taken on a busy machine.
-Records go to ``<out>/<run>.json``; ``python -m benchmarks.report <out>`` renders the markdown
-summary and the plot.
+After the grid come the options' extra :class:`Section` s (the default CPU grid: bf16 at
+BERT-base 8x128, uniform fill, where the CPU has AVX512-BF16 or AMX; elsewhere one
+``unavailable`` record says why). HF SDPA, the baseline of every speedup, always runs.
+``tokens_per_s`` counts real (non-pad) tokens, the work a user asked for. ``load_avg`` (the
+1-minute load average when the timing ended; this process adds about its thread count) tells a
+measurement taken on a busy machine. Every record names the machine (CPU vendor, model and ISA
+flags, see :func:`environment`). Records go to ``<out>/<run>.json``, by default in a folder
+named after the CPU or GPU (:func:`device_folder`); ``python -m benchmarks.report <out>``
+renders the markdown summary and the plot.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}
 DEFAULT_IMPLS = {
     "cpu": ("fastbert-cpp", "fastbert-torch", "fastbert-triton", "hf-eager", "hf-sdpa", "hf-sdpa-compile",
-            "nested-tensor", "onnxruntime"),
+            "hf-sdpa-compile-freezing", "nested-tensor", "onnxruntime"),
     # On CUDA, HF SDPA (the baseline) and the other graphable peers are also timed replayed from a
     # CUDA graph ("+cudagraph"), beside fastbert with and without its own CUDA graphs.
     "cuda": ("fastbert-triton", "fastbert-triton-graphs", "fastbert-cuda", "fastbert-torch", "hf-eager", "hf-sdpa",
@@ -59,7 +63,12 @@ DEFAULT_IMPLS = {
 }
 # --quick (3 minutes at most on 2 busy cores) leaves out the peers that spend most of that
 # compiling or exporting, and HF eager (HF SDPA is the baseline).
-QUICK_SKIPS = ("hf-sdpa-compile", "hf-sdpa-compile-max-autotune", "onnxruntime", "hf-eager")
+QUICK_SKIPS = ("hf-sdpa-compile", "hf-sdpa-compile-max-autotune", "hf-sdpa-compile-freezing", "onnxruntime",
+               "hf-eager")
+# The ISA extensions that decide which CPU kernels run (oneDNN, MKL, torch's own): recorded as
+# present or absent in every record; bf16 GEMMs are fast only with AVX512-BF16 or AMX.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 PACKAGES = ("torch", "transformers", "triton", "onnxruntime", "sentence-transformers", "numpy")
 # Warnings every run would repeat; what they say is in the records (unavailable backends) or
 # irrelevant to timing (ONNX export tracing, nested tensors being a prototype API).
@@ -70,6 +79,24 @@ QUIET = (
     "Converting a tensor to a Python boolean might cause the trace to be incorrect",
     "Exporting aten::index operator",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A slice of the grid run in addition to it: one workload in one dtype at the given shapes and
+    fills, on a CPU having any of the ``needs`` flags (else one ``unavailable`` record says why)."""
+    workload: str
+    dtype: torch.dtype
+    shapes: tuple[tuple[int, int], ...]
+    fills: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+
+
+# bf16 on CPU: one BERT-base row, where bf16 GEMMs have hardware support (without AVX512-BF16 or
+# AMX, oneDNN/MKL emulate them and every peer is several times slower than in fp32). An explicit
+# --dtype bfloat16 runs the whole grid in bf16 on any CPU.
+CPU_BF16 = Section("bert-base", torch.bfloat16, ((8, 128),), ("uniform",), needs=("avx512_bf16", "amx_bf16"))
+DEFAULT_SECTIONS = {"cpu": (CPU_BF16,), "cuda": ()}
 
 
 @dataclasses.dataclass
@@ -88,6 +115,7 @@ class Options:
     budget_s: float = 6.0  # timed rounds per measurement: about this long, within [min_reps, max_reps]
     attempts: int = 3  # timed-round attempts at most, while the spread stays above max_spread
     max_spread: float = 1.25
+    sections: tuple[Section, ...] = ()  # run after the grid (the full default grid has DEFAULT_SECTIONS)
 
 
 def default_impls(device: torch.device, quick: bool) -> tuple[str, ...]:
@@ -96,22 +124,19 @@ def default_impls(device: torch.device, quick: bool) -> tuple[str, ...]:
 
 
 def environment(device: torch.device) -> dict:
-    """What produced the numbers: machine, threads, package versions, commit."""
+    """What produced the numbers: machine (the CPU too on CUDA, see :func:`cpu_info`), threads,
+    package versions, commit."""
     versions = {"python": platform.python_version(), "fastbert": fastbert.__version__}
     for package in PACKAGES:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    cpu_model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu_model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                          if line.startswith("model name")), cpu_model)
+    cpu = cpu_info()
     return {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
-        "cpu_model": cpu_model,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu["cpu_model"],
+        **cpu,
         "num_threads": torch.get_num_threads(),
         "versions": versions,
         "commit": _commit(),
@@ -129,12 +154,56 @@ def _commit() -> str | None:
         return None
 
 
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The CPU: ``cpu_vendor`` (``vendor_id``: GenuineIntel, AuthenticAMD) and ``cpu_model`` (model
+    name) from ``cpuinfo``, ``cpu_flags`` (each of :data:`ISA_FLAGS`: present or not) and torch's
+    ``cpu_capability`` (the kernels its CPU dispatch picked: AVX512, AVX2, ...). Without
+    ``cpuinfo`` (not Linux) or where it lacks a field (ARM), the vendor and the flags are None and
+    the model is what :mod:`platform` says."""
+    fields: dict[str, str] = {}
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():  # the first processor's block
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields["flags"].split()) if "flags" in fields else None
+    return {
+        "cpu_vendor": fields.get("vendor_id") or None,
+        "cpu_model": fields.get("model name") or platform.processor() or platform.machine() or "unknown",
+        "cpu_flags": {flag: None if flags is None else flag in flags for flag in ISA_FLAGS},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def _slug(text: str) -> list[str]:
+    return "".join(c if c.isalnum() else " " for c in text.lower()).split()
+
+
+def cpu_folder(vendor: str | None, model: str) -> str:
+    """``cpu-<vendor>-<model>``, e.g. ``cpu-intel-xeon-platinum-8480`` or ``cpu-amd-epyc-7763-64-core-processor``:
+    trademark marks dropped, and the vendor not repeated when the model name starts with it. A
+    model name alone (``vendor`` None: not recorded, or not Linux) gives the same folder when it
+    starts with the vendor's name, as Intel's and AMD's do."""
+    short = VENDORS.get(vendor, "-".join(_slug(vendor))) if vendor else None
+    words = _slug(model.replace("(R)", " ").replace("(r)", " ").replace("(TM)", " ").replace("(tm)", " "))
+    if short and words[:1] != [short]:
+        words = [short, *words]
+    return "-".join(["cpu", *(words or ["unknown"])])
+
+
 def device_folder(device: torch.device) -> str:
-    """``cpu``, or ``cuda-<gpu name>`` so results of different GPUs do not mix."""
+    """``cpu-<vendor>-<model>`` (:func:`cpu_folder`) or ``cuda-<gpu name>``: results of different
+    CPUs or GPUs never share a folder."""
     if device.type != "cuda":
-        return device.type
-    name = torch.cuda.get_device_name(device).lower()
-    return "cuda-" + "-".join("".join(c if c.isalnum() else " " for c in name).split())
+        cpu = cpu_info()
+        return cpu_folder(cpu["cpu_vendor"], cpu["cpu_model"])
+    return "cuda-" + "-".join(_slug(torch.cuda.get_device_name(device)))
 
 
 def _reason(exc: BaseException) -> str:
@@ -182,9 +251,28 @@ class Runner:
                 warnings.filterwarnings("ignore", message=message)
             for name in self.o.workloads:
                 self.workload(name)
+            for section in self.o.sections:
+                self.section(section)
         return self.records
 
-    def workload(self, name: str) -> None:
+    def section(self, section: Section) -> None:
+        flags = self.env["cpu_flags"]
+        if section.needs and not any(flags.get(flag) for flag in section.needs):
+            have = [f for f, present in flags.items() if present]
+            known = "flags unknown" if all(v is None for v in flags.values()) else f"it has {', '.join(have) or 'none'}"
+            dtype = str(section.dtype).removeprefix("torch.")
+            shapes = ", ".join(f"{b}x{s}" for b, s in section.shapes)
+            reason = (f"{dtype} rows ({shapes} {', '.join(section.fills)}) need a CPU with "
+                      f"{' or '.join(section.needs)} ({known}; torch CPU capability {self.env['cpu_capability']}); "
+                      f"--dtype {dtype} runs them anyway")
+            self.record(impl="(all)", workload=section.workload, dtype=dtype, status="unavailable", reason=reason)
+            _progress(f"  {section.workload} {dtype}: unavailable: {reason}")
+            return
+        self.workload(section.workload, (section.dtype,), section.shapes, section.fills)
+
+    def workload(self, name: str, dtypes: tuple[torch.dtype, ...] | None = None,
+                 shapes: tuple[tuple[int, int], ...] | None = None, fills: tuple[str, ...] | None = None) -> None:
+        """Every implementation on workload ``name``: the options' dtypes, shapes and fills, or these."""
         device = self.o.device
         workload = WORKLOADS[name]
         try:
@@ -198,16 +286,17 @@ class Runner:
             _progress(f"  {name}: FAILED to load: {_reason(exc)}")
             return
         reference = hf_module(model, "eager")
-        shapes = self.o.shapes or shapes_for(workload, device.type, self.o.quick)
+        shapes = shapes or self.o.shapes or shapes_for(workload, device.type, self.o.quick)
         shapes = [s for s in shapes if s[1] <= model.config.max_position_embeddings]
-        for dtype in self.o.dtypes:
+        for dtype in dtypes or self.o.dtypes:
             # A real copy: converting a weight-sharing one would convert the reference's weights too.
             converted = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
             runs = self.build(name, converted, dtype)
             for batch, seq_len in shapes:
-                for fill in self.o.fills:
+                for fill in fills or self.o.fills:
                     self.measure(name, reference, runs, dtype, batch, seq_len, fill, model.config.vocab_size)
             del runs, converted
+            torch._dynamo.reset()  # compiled graphs (frozen ones hold weight copies) go with their models
 
     def build(self, workload: str, model: torch.nn.Module, dtype: torch.dtype) -> dict:
         device = self.o.device
@@ -324,7 +413,10 @@ class Runner:
                    "dtypes": [str(d).removeprefix("torch.") for d in self.o.dtypes], "fills": list(self.o.fills),
                    "shapes": self.o.shapes and [list(s) for s in self.o.shapes], "budget_s": self.o.budget_s,
                    "min_reps": self.o.min_reps, "max_reps": self.o.max_reps, "attempts": self.o.attempts,
-                   "max_spread": self.o.max_spread}
+                   "max_spread": self.o.max_spread,
+                   "sections": [{"workload": x.workload, "dtype": str(x.dtype).removeprefix("torch."),
+                                 "shapes": [list(s) for s in x.shapes], "fills": list(x.fills), "needs": list(x.needs)}
+                                for x in self.o.sections]}
         done = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds") if finished else None
         document = {"run": {"name": self.o.run_name, "started": self.started, "finished": done, **self.env,
                             "options": options},

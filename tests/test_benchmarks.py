@@ -1,12 +1,14 @@
 """The benchmark runner: correctness flagging, failure reporting, the JSON records, rendering.
 
-Everything runs on the ``tiny`` workload (2 layers, hidden 64) with a short timing budget.
+Everything runs on the ``tiny`` workload (2 layers, hidden 64) with a short timing budget. The
+tests that compile with Inductor take 5-15 s each (a cold compile of the tiny model).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +25,14 @@ RECORD_KEYS = {
     "impl", "status", "reason", "workload", "device", "device_name", "dtype", "batch", "seq_len", "fill", "mean_fill",
     "tokens", "median_ms", "p20_ms", "p80_ms", "reps", "first_call_ms", "tokens_per_s", "speedup_vs_hf_sdpa",
     "max_abs_err", "tolerance", "peak_mem_mb", "cuda_graph", "num_threads", "cpu_model", "versions", "commit",
+    "cpu_vendor", "cpu_flags", "cpu_capability",
 }
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-def _options(tmp_path: Path, impls: tuple[str, ...], fills=("full", "skewed")) -> runner.Options:
+def _options(tmp_path: Path, impls: tuple[str, ...], fills=("full", "skewed"), dtype=torch.float32) -> runner.Options:
     return runner.Options(device=torch.device("cpu"), quick=False, impls=impls, workloads=("tiny",),
-                          dtypes=(torch.float32,), out=tmp_path, run_name="test", shapes=((3, 24),), fills=fills,
+                          dtypes=(dtype,), out=tmp_path, run_name="test", shapes=((3, 24),), fills=fills,
                           min_reps=2, max_reps=3, budget_s=0.0)
 
 
@@ -140,6 +144,11 @@ def test_end_to_end_json_and_report(tmp_path):
         assert (tmp_path / "partial.png").stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
     assert "| tiny | float32 | 3x33 | uniform" in summary and "fastbert-triton" in summary
+    cpu = runner.cpu_info()
+    header = summary.splitlines()[2]  # under the title
+    assert header.startswith(f"CPU: {cpu['cpu_model']} (") and f"torch CPU capability {cpu['cpu_capability']}" in header
+    if cpu["cpu_vendor"]:
+        assert cpu["cpu_vendor"] in header and "ISA " in header
 
 
 def test_fills_are_seeded_and_shaped():
@@ -167,7 +176,9 @@ def test_nested_encoder_matches_hf():
 def test_quick_mode_covers_minilm_and_bert_base():
     quick = {w.name for w in workloads.WORKLOADS.values() if w.quick_shapes}
     assert {"minilm", "bert-base"} <= quick
-    assert "hf-sdpa-compile" not in runner.default_impls(torch.device("cpu"), quick=True)
+    cpu_quick = runner.default_impls(torch.device("cpu"), quick=True)
+    assert "hf-sdpa-compile" not in cpu_quick and "hf-sdpa-compile-freezing" not in cpu_quick
+    assert "hf-sdpa-compile-freezing" in runner.default_impls(torch.device("cpu"), quick=False)
 
 
 def test_kernels_mode_without_module(monkeypatch, capsys):
@@ -272,3 +283,174 @@ def test_fastbert_cuda_graph_peer_is_right():
         expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
         got = run(ids, mask)
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ the machine
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse avx2 avx512f avx512bw amx_tile amx_bf16 avx512_bf16
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse avx2 avx512f avx512bw amx_tile amx_bf16 avx512_bf16
+"""
+
+
+def _this_cpu() -> tuple[str | None, str]:
+    """vendor_id and model name of this machine, read here independently of the runner."""
+    fields = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else []):
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields.get("vendor_id"), fields.get("model name") or platform.processor() or platform.machine()
+
+
+def test_records_name_the_cpu_vendor_model_and_isa_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO)
+    intel = runner.cpu_info(info)
+    assert intel["cpu_vendor"] == "GenuineIntel" and intel["cpu_model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert intel["cpu_flags"] == dict.fromkeys(runner.ISA_FLAGS, True)
+    assert intel["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    info.write_text(CPUINFO.replace(" amx_tile amx_bf16 avx512_bf16", "").replace("GenuineIntel", "AuthenticAMD"))
+    assert runner.cpu_info(info)["cpu_flags"] == {"avx2": True, "avx512f": True, "avx512_bf16": False,
+                                                  "amx_bf16": False, "amx_tile": False}
+    missing = runner.cpu_info(tmp_path / "absent")  # not Linux: no vendor, flags unknown, a model all the same
+    assert missing["cpu_vendor"] is None and missing["cpu_model"]
+    assert missing["cpu_flags"] == dict.fromkeys(runner.ISA_FLAGS)
+    # Every record carries this machine's CPU; the report's header names it.
+    env = runner.environment(torch.device("cpu"))
+    vendor, model = _this_cpu()
+    assert (env["cpu_vendor"], env["cpu_model"], env["device_name"]) == (vendor, model, model)
+    line = report.cpu_line(intel)
+    assert line == ("CPU: Intel(R) Xeon(R) Platinum 8480+ (GenuineIntel); ISA avx2, avx512f, avx512_bf16, amx_bf16, "
+                    f"amx_tile; torch CPU capability {intel['cpu_capability']}.")
+    assert "(no avx512_bf16, amx_bf16, amx_tile)" in report.cpu_line(runner.cpu_info(info))
+    assert "vendor not recorded" in report.cpu_line({"cpu_model": "Intel(R) Xeon(R) Processor"})  # older runs
+
+
+def test_results_of_different_cpus_go_to_different_folders(monkeypatch):
+    intel = runner.cpu_folder("GenuineIntel", "Intel(R) Xeon(R) Platinum 8480+")
+    amd = runner.cpu_folder("AuthenticAMD", "AMD EPYC 7763 64-Core Processor")
+    assert (intel, amd) == ("cpu-intel-xeon-platinum-8480", "cpu-amd-epyc-7763-64-core-processor")
+    assert runner.cpu_folder(None, "Intel(R) Xeon(R) Platinum 8480+") == intel  # vendor not recorded
+    assert runner.cpu_folder("AuthenticAMD", "AMD EPYC 9654") != runner.cpu_folder("AuthenticAMD", "AMD EPYC 7763")
+    # The default folder is named after this machine's CPU.
+    vendor, model = _this_cpu()
+    folder = runner.device_folder(torch.device("cpu"))
+    assert folder == runner.cpu_folder(vendor, model) and folder.startswith("cpu-")
+    words = "".join(c if c.isalnum() else " " for c in model.lower()).split()
+    assert [w for w in folder.split("-")[1:] if w in words] == [w for w in words if w not in ("r", "tm")]
+    chosen = []
+    monkeypatch.setattr(runner, "main", lambda options: chosen.append(options) or [])
+    assert cli.main(["--device", "cpu", "--workload", "tiny"]) == 0
+    assert chosen[0].out == runner.RESULTS / folder
+
+
+def test_committed_cpu_results_sit_in_the_folder_their_records_name():
+    assert not (RESULTS / "cpu").exists()
+    folders = sorted(RESULTS.glob("cpu-*"))
+    assert folders
+    for folder in folders:
+        documents = sorted(folder.glob("*.json"))
+        assert documents and (folder / "summary.md").exists(), folder
+        for path in documents:
+            run = json.loads(path.read_text())["run"]
+            assert runner.cpu_folder(run.get("cpu_vendor"), run["cpu_model"]) == folder.name, path
+
+
+# ------------------------------------------------------------------------------ bf16 on CPU
+def test_bfloat16_rows_on_cpu_and_the_accuracy_rule(tmp_path, monkeypatch):
+    # Error against HF eager fp32 <= 4x HF SDPA bf16's own error + the bf16 floor.
+    monkeypatch.setitem(PEERS, "off-by-0.01", Peer("off-by-0.01", _sdpa_plus(0.01)))
+    monkeypatch.setitem(PEERS, "off-by-0.5", Peer("off-by-0.5", _sdpa_plus(0.5)))
+    impls = ("fastbert-cpp", "fastbert-torch", "nested-tensor", "hf-sdpa-compile", "onnxruntime", "off-by-0.01",
+             "off-by-0.5")
+    records = runner.Runner(_options(tmp_path, impls, fills=("uniform",), dtype=torch.bfloat16)).run()
+    grouped = _by_impl(records)
+    baseline = grouped["hf-sdpa"][0]
+    assert baseline["dtype"] == "bfloat16" and baseline["max_abs_err"] > 1e-3  # really ran in bf16
+    assert baseline["tolerance"] == pytest.approx(4 * baseline["max_abs_err"] + 5e-2)
+    for impl in ("fastbert-torch", "nested-tensor", "hf-sdpa-compile", "off-by-0.01"):
+        assert [r["status"] for r in grouped[impl]] == ["ok"], grouped[impl]
+    assert grouped["fastbert-cpp"][0]["status"] in ("ok", "unavailable")
+    assert grouped["off-by-0.5"][0]["status"] == "wrong"
+    assert grouped["onnxruntime"][0]["status"] == "unavailable" and "fp32 only" in grouped["onnxruntime"][0]["reason"]
+
+
+def test_bf16_section_runs_only_where_the_cpu_has_bf16_gemms(tmp_path):
+    section = runner.Section("tiny", torch.bfloat16, ((2, 16),), ("uniform",), needs=("avx512_bf16", "amx_bf16"))
+    options = _options(tmp_path, ("fastbert-torch",), fills=("full",))
+    options.sections = (section,)
+    without = runner.Runner(options)
+    without.env["cpu_flags"] = {**dict.fromkeys(runner.ISA_FLAGS, False), "avx2": True}
+    records = without.run()
+    assert {r["dtype"] for r in records if r["status"] == "ok"} == {"float32"}
+    [skipped] = [r for r in records if r["dtype"] == "bfloat16"]
+    assert (skipped["impl"], skipped["status"]) == ("(all)", "unavailable")
+    assert "avx512_bf16 or amx_bf16" in skipped["reason"] and "it has avx2" in skipped["reason"]
+    assert "avx512_bf16 or amx_bf16" in report.run_table(records)
+    with_amx = runner.Runner(options)
+    with_amx.env["cpu_flags"] = dict.fromkeys(runner.ISA_FLAGS, True)
+    bf16 = [r for r in with_amx.run() if r["dtype"] == "bfloat16"]
+    assert {(r["impl"], r["status"], r["batch"], r["seq_len"], r["fill"]) for r in bf16} == {
+        ("hf-sdpa", "ok", 2, 16, "uniform"), ("fastbert-torch", "ok", 2, 16, "uniform")}
+
+
+def test_default_cpu_grid_has_the_bf16_section_and_explicit_dtype_always_runs(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(runner, "main", lambda options: chosen.append(options) or [])
+    cli.main(["--device", "cpu"])
+    cli.main(["--device", "cpu", "--impl", "fastbert-cpp"])
+    cli.main(["--device", "cpu", "--quick"])
+    cli.main(["--device", "cpu", "--dtype", "bfloat16", "--workload", "tiny"])
+    full, impl_only, quick, explicit = chosen
+    assert full.sections == impl_only.sections == (runner.CPU_BF16,) and full.dtypes == (torch.float32,)
+    assert runner.CPU_BF16.workload == "bert-base" and runner.CPU_BF16.shapes == ((8, 128),)
+    assert runner.CPU_BF16.fills == ("uniform",)
+    assert quick.sections == () and explicit.sections == () and explicit.dtypes == (torch.bfloat16,)
+
+
+# ------------------------------------------------------------------------------ Inductor freezing
+def test_freezing_peer_folds_the_weights_and_does_not_leak(tmp_path, monkeypatch):
+    # Two cold compiles of the tiny model (about 10-20 s), in the runner's order: plain torch.compile,
+    # then the frozen one on the same shape and the same (shared) weights. Without its own backend
+    # options the frozen peer would reuse the plain graph, and never freeze.
+    from torch._inductor import compile_fx, config, freezing
+
+    compiles, frozen, depth = [], [], [0]
+    real_compile_fx, real_freeze = compile_fx.compile_fx, freezing.freeze
+
+    def spy_compile_fx(*args, **kwargs):  # the flag as Dynamo saw it when it traced
+        if not depth[0]:  # compile_fx calls itself to apply a compile's options
+            compiles.append((config.freezing, torch.is_grad_enabled()))
+        depth[0] += 1
+        try:
+            return real_compile_fx(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    def spy_freeze(dynamo_gm, aot_gm, example_inputs):
+        graph, kept = real_freeze(dynamo_gm, aot_gm, example_inputs)
+        frozen.append((len(example_inputs), len(kept)))
+        return graph, kept
+
+    monkeypatch.setattr(compile_fx, "compile_fx", spy_compile_fx)
+    monkeypatch.setattr(freezing, "freeze", spy_freeze)
+    records = runner.Runner(_options(tmp_path, ("hf-sdpa-compile", "hf-sdpa-compile-freezing"),
+                                     fills=("uniform",))).run()
+    by_impl = {r["impl"]: r for r in records}
+    assert compiles == [(False, False), (True, False)]  # one compile each, freezing on only for its peer
+    # Freezing ran once, for its peer, and left only input_ids and attention_mask as graph inputs:
+    # every weight became a constant of the graph.
+    assert len(frozen) == 1 and frozen[0][1] == 2 and frozen[0][0] > 2 * 2 * 6
+    assert not config.freezing  # restored
+    for impl in ("hf-sdpa-compile-freezing", "hf-sdpa-compile"):
+        assert by_impl[impl]["status"] == "ok" and by_impl[impl]["max_abs_err"] <= by_impl[impl]["tolerance"]
+    if torch.backends.mkldnn.is_available() and torch._C.has_mkl:  # x86: the 12 linear weights prepacked for oneDNN
+        assert by_impl["hf-sdpa-compile-freezing"]["detail"] == (
+            "Inductor freezing: 12 linear weights prepacked for oneDNN")
+    assert by_impl["hf-sdpa-compile"]["detail"] is None
