@@ -8,7 +8,8 @@ at every BERT shape. oneDNN also pays a fixed cost per call that loses to MKL on
 Hence the rule (``auto``): fp32, at most :data:`ONEDNN_MAX_ROWS` rows and both weight dims at
 least :data:`ONEDNN_MIN_DIM` take oneDNN; everything else takes ATen.
 
-``FASTBERT_CPU_GEMM`` (read at import; ``auto``, ``aten`` or ``onednn``) overrides the rule.
+``FASTBERT_CPU_GEMM`` (read at import; ``auto``, ``aten`` or ``onednn``; :func:`set_choice` at run
+time) overrides the rule.
 Packed weights are made on first use and kept per weight tensor, rebuilt when its version or
 storage changes (an in-place update, ``load_state_dict``, ``.to()``), dropped with the tensor.
 """
@@ -25,24 +26,30 @@ CHOICES = ("auto", "aten", "onednn")
 ONEDNN_MAX_ROWS = 64
 ONEDNN_MIN_DIM = 256
 
-GEMM = os.environ.get("FASTBERT_CPU_GEMM", "auto")
-if GEMM not in CHOICES:
-    raise ValueError(f"FASTBERT_CPU_GEMM must be one of {CHOICES}, got {GEMM!r}")
-
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 # id(weight) -> (weakref to it, (version, data pointer) when packed, packed weight)
 _packed: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
 
 
+def set_choice(choice: str) -> None:
+    """``auto``, ``aten`` or ``onednn`` (the module docstring says what each does)."""
+    global _max_rows, _min_dim
+    if choice not in CHOICES:
+        raise ValueError(f"FASTBERT_CPU_GEMM must be one of {CHOICES}, got {choice!r}")
+    # The rule as two bounds, so that the per-call check is two comparisons.
+    _max_rows, _min_dim = {"auto": (ONEDNN_MAX_ROWS, ONEDNN_MIN_DIM), "aten": (-1, 0), "onednn": (1 << 62, 0)}[choice]
+    if not ONEDNN_AVAILABLE:
+        _max_rows = -1
+
+
+set_choice(os.environ.get("FASTBERT_CPU_GEMM", "auto"))
+
+
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` runs on oneDNN with a prepacked weight (see the module docstring)."""
-    if GEMM == "aten" or not ONEDNN_AVAILABLE or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    if GEMM == "onednn":
-        return True
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return rows <= ONEDNN_MAX_ROWS and min(weight.shape) >= ONEDNN_MIN_DIM
+    """Whether ``x [rows, K] @ weight.T`` runs on oneDNN with a prepacked weight (module docstring)."""
+    return (x.shape[0] <= _max_rows and weight.shape[0] >= _min_dim and weight.shape[1] >= _min_dim
+            and x.dtype == torch.float32 and weight.dtype == torch.float32 and not x.is_cuda)
 
 
 def packed(weight: torch.Tensor) -> torch.Tensor:
@@ -60,7 +67,7 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x Wᵀ + b`` on the library the rule picks."""
+    """``x Wᵀ + b`` (``x`` is ``[rows, K]``) on the library the rule picks."""
     if use_onednn(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -66,12 +66,11 @@ _linear_gelu = _ops.ext_linear_gelu.default
 _bias_gelu_ = _ops.ext_bias_gelu_.default
 
 
-def linear(x, weight, bias=None):
-    return cpu_gemm.linear(x, weight, bias)
+linear = cpu_gemm.linear
 
 
 def linear_gelu(x, weight, bias, approximate):
-    if x.device.type == "cpu" and cpu_gemm.use_onednn(x, weight):
+    if cpu_gemm.use_onednn(x, weight):
         y = torch.ops.mkldnn._linear_pointwise(x, cpu_gemm.packed(weight), None, "none", [], "")
         _bias_gelu_(y, bias, approximate)
         return y

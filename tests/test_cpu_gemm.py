@@ -17,11 +17,12 @@ needs_onednn = pytest.mark.skipif(not cpu_gemm.ONEDNN_AVAILABLE, reason="this to
 
 
 @pytest.fixture(params=["aten", "onednn"])
-def gemm(request, monkeypatch):
+def gemm(request):
     if request.param == "onednn" and not cpu_gemm.ONEDNN_AVAILABLE:
         pytest.skip("this torch has no oneDNN linear")
-    monkeypatch.setattr(cpu_gemm, "GEMM", request.param)
-    return request.param
+    cpu_gemm.set_choice(request.param)
+    yield request.param
+    cpu_gemm.set_choice("auto")
 
 
 @pytest.mark.parametrize("rows,K,N", [(1, 256, 768), (16, 768, 256), (64, 300, 260), (65, 257, 256), (7, 32, 96)])
@@ -34,18 +35,26 @@ def test_linear_within_rule(gemm, rows, K, N, with_bias):
     assert_within_rule(got, ref, F.linear(x, w, b))
 
 
-def test_the_rule(monkeypatch):
-    monkeypatch.setattr(cpu_gemm, "GEMM", "auto")
+@pytest.fixture
+def choice():
+    yield cpu_gemm.set_choice
+    cpu_gemm.set_choice("auto")
+
+
+def test_the_rule(choice):
+    choice("auto")
     w = torch.randn(768, 768)
     small, large = torch.randn(16, 768), torch.randn(65, 768)
     assert cpu_gemm.use_onednn(small, w) == cpu_gemm.ONEDNN_AVAILABLE
     assert not cpu_gemm.use_onednn(large, w)
     assert not cpu_gemm.use_onednn(torch.randn(16, 32), torch.randn(96, 32))  # tiny: oneDNN's fixed cost loses
     assert not cpu_gemm.use_onednn(small.bfloat16(), w.bfloat16())
-    monkeypatch.setattr(cpu_gemm, "GEMM", "aten")
+    choice("aten")
     assert not cpu_gemm.use_onednn(small, w)
-    monkeypatch.setattr(cpu_gemm, "GEMM", "onednn")
+    choice("onednn")
     assert cpu_gemm.use_onednn(large, w) == cpu_gemm.ONEDNN_AVAILABLE
+    with pytest.raises(ValueError, match="FASTBERT_CPU_GEMM must be one of"):
+        choice("mkl")
 
 
 def within_rule(x, w):
@@ -53,8 +62,8 @@ def within_rule(x, w):
 
 
 @needs_onednn
-def test_packed_weight_follows_the_weight(monkeypatch):
-    monkeypatch.setattr(cpu_gemm, "GEMM", "onednn")
+def test_packed_weight_follows_the_weight(choice):
+    choice("onednn")
     w, x = torch.randn(256, 256), torch.randn(8, 256)
     first = cpu_gemm.packed(w)
     assert cpu_gemm.packed(w) is first  # made once
@@ -71,9 +80,9 @@ def test_packed_weight_follows_the_weight(monkeypatch):
 
 
 @needs_onednn
-def test_model_on_onednn_matches_hf_after_a_weight_update(monkeypatch):
+def test_model_on_onednn_matches_hf_after_a_weight_update(choice):
     transformers = pytest.importorskip("transformers")
-    monkeypatch.setattr(cpu_gemm, "GEMM", "onednn")
+    choice("onednn")
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=99, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=512)
