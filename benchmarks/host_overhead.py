@@ -1,6 +1,6 @@
 """Host overhead of a forward: what fastbert costs the CPU besides its kernels.
 
-    python -m benchmarks.host_overhead                 # CPU, 1 thread; writes benchmarks/results/host/<cpu>.json
+    python -m benchmarks.host_overhead                 # CPU, 1 thread; writes benchmarks/results/cpu-<cpu>/host-overhead.json
     python -m benchmarks.host_overhead --device cuda   # the same on a GPU (host-bound: the GPU keeps up)
 
 Two figures, each from interleaved rounds (medians) in one process:
@@ -20,7 +20,6 @@ import argparse
 import copy
 import datetime
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 import fastbert
 from benchmarks import timing
-from benchmarks.runner import RESULTS, environment
+from benchmarks.runner import RESULTS, device_folder, environment
 from fastbert import backends
 
 
@@ -112,16 +111,12 @@ def measure(device: torch.device, budget_s: float) -> dict:
     }
 
 
-def _slug(text: str) -> str:
-    return "-".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split()) or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: host overhead is serial)")
     p.add_argument("--budget", type=float, default=5.0, help="seconds of timed rounds per figure")
-    p.add_argument("--out", type=Path, help="result file (default: benchmarks/results/host/<device name>.json)")
+    p.add_argument("--out", type=Path, help="result file (default: benchmarks/results/<device folder>/host-overhead.json)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here", file=sys.stderr)
@@ -130,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     env = environment(device)
     result = {"date": datetime.date.today().isoformat(), **env, **measure(device, args.budget)}
-    out = args.out or RESULTS / "host" / f"{_slug(env['device_name'])}.json"
+    out = args.out or RESULTS / device_folder(device) / "host-overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     t, s = result["tiny_model"], result["bert_base_stubbed"]
