@@ -226,11 +226,13 @@ def _order(path: Path) -> tuple:
 
 def render(folder: Path) -> list[Path]:
     """Write ``summary.md`` and one PNG per run JSON in ``folder`` (no PNGs, with a message on
-    stderr, where matplotlib is not installed); returns the written paths."""
-    paths = sorted(folder.glob("*.json"), key=_order)
-    if not paths:
-        raise FileNotFoundError(f"no benchmark results (*.json) in {folder}")
-    documents = [json.loads(p.read_text()) for p in paths]
+    stderr, where matplotlib is not installed); returns the written paths. JSON files that are
+    not runner results (``host-overhead.json``) are left out."""
+    runs = [(p, json.loads(p.read_text())) for p in sorted(folder.glob("*.json"), key=_order)]
+    runs = [(p, doc) for p, doc in runs if "run" in doc and "records" in doc]
+    if not runs:
+        raise FileNotFoundError(f"no benchmark results (runner JSON) in {folder}")
+    paths, documents = [p for p, _ in runs], [doc for _, doc in runs]
     (folder / "summary.md").write_text(summary(documents))
     written = [folder / "summary.md"]
     if importlib.util.find_spec("matplotlib") is None:

@@ -138,8 +138,9 @@ def test_end_to_end_json_and_report(tmp_path):
     assert statuses["fastbert-triton"] == "unavailable"
     assert statuses["fastbert-cpp"] in ("ok", "unavailable")
 
+    (tmp_path / "host-overhead.json").write_text('{"tiny_model": {}}')  # beside the runs; not one of them
     written = report.render(tmp_path)
-    assert (tmp_path / "summary.md") in written
+    assert (tmp_path / "summary.md") in written and (tmp_path / "host-overhead.png") not in written
     if importlib.util.find_spec("matplotlib"):  # optional: the summary is written without it
         assert (tmp_path / "partial.png").stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
