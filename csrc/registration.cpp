@@ -1,4 +1,5 @@
-// fastbert._C: registers the extension's ops with the PyTorch dispatcher.
+// fastbert._C: registers the extension's ops with the PyTorch dispatcher, and exposes the same
+// functions to Python directly.
 //
 // The public ops (fastbert::attention, ...) are Python custom ops defined in fastbert/ops.py;
 // the extension adds its own ops to the same namespace under ext_* names, each with a CPU
@@ -6,8 +7,12 @@
 // implementations are not needed here: fastbert.ops calls these from inside its own custom
 // ops, which carry the fakes. Importing the Python module fastbert._C loads this library,
 // which runs the registrations below.
-#include <Python.h>
-#include <ATen/ATen.h>
+//
+// The module's submodules `cpu` and `cuda` hold the kernels as plain functions. A call through
+// the dispatcher from Python boxes every argument (several microseconds per call, more than a
+// short batch's kernel); these skip it, and with it autograd, so fastbert.extension uses them
+// only while gradients are off.
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <string_view>
@@ -73,22 +78,31 @@ TORCH_LIBRARY_IMPL(fastbert, CUDA, m) {
 }
 #endif
 
-// The Python module itself only describes the build: WITH_CUDA and CPU_ISA.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "fastbert._C",
-                               "fastbert's compiled ops (registered under torch.ops.fastbert.ext_*)",
-                               -1, nullptr};
-  PyObject* m = PyModule_Create(&module);
-  if (m == nullptr) return nullptr;
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastbert's compiled ops (registered under torch.ops.fastbert.ext_*), and the same kernels "
+            "as plain functions in the submodules cpu and cuda";
 #ifdef FASTBERT_WITH_CUDA
-  const int with_cuda = 1;
+  m.attr("WITH_CUDA") = true;
 #else
-  const int with_cuda = 0;
+  m.attr("WITH_CUDA") = false;
 #endif
-  if (PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) < 0 ||
-      PyModule_AddStringConstant(m, "CPU_ISA", FASTBERT_CPU_ISA) < 0) {
-    Py_DECREF(m);
-    return nullptr;
-  }
-  return m;
+  m.attr("CPU_ISA") = FASTBERT_CPU_ISA;
+
+  auto cpu = m.def_submodule("cpu", "CPU kernels, called without the dispatcher");
+  cpu.def("attention", &fastbert::cpu::attention);
+  cpu.def("linear_gelu", &linear_gelu<fastbert::cpu::bias_gelu_>);
+  cpu.def("bias_gelu_", &fastbert::cpu::bias_gelu_);
+  cpu.def("add_layernorm", &fastbert::cpu::add_layernorm);
+  cpu.def("embed_layernorm", &fastbert::cpu::embed_layernorm);
+  cpu.def("unpad", &fastbert::cpu::unpad);
+  cpu.def("pad", &fastbert::cpu::pad);
+#ifdef FASTBERT_WITH_CUDA
+  auto cuda = m.def_submodule("cuda", "CUDA kernels, called without the dispatcher");
+  cuda.def("linear_gelu", &linear_gelu<fastbert::cuda::bias_gelu_>);
+  cuda.def("bias_gelu_", &fastbert::cuda::bias_gelu_);
+  cuda.def("add_layernorm", &fastbert::cuda::add_layernorm);
+  cuda.def("embed_layernorm", &fastbert::cuda::embed_layernorm);
+  cuda.def("unpad", &fastbert::cuda::unpad);
+  cuda.def("pad", &fastbert::cuda::pad);
+#endif
 }

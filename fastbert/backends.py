@@ -58,7 +58,7 @@ _MODULES = {
 _local = threading.local()
 _warned: set[tuple[str, str]] = set()
 _plan_cache: dict[tuple[str, str | None, torch.dtype | None], dict[str, str]] = {}
-_impl_cache: dict[tuple[str, str, str], object] = {}
+_impl_cache: dict[tuple[str, str, str, bool], object] = {}
 _kernels_cache: dict[tuple, "Kernels"] = {}
 
 
@@ -152,11 +152,17 @@ def plan(device: torch.device, backend: str | None = None, dtype: torch.dtype | 
     return result
 
 
-def implementation(op: str, backend: str, device_type: str):
-    """The function running ``op`` on ``backend`` for ``device_type`` tensors."""
-    key = (op, backend, device_type)
+def implementation(op: str, backend: str, device_type: str, direct: bool = False):
+    """The function running ``op`` on ``backend`` for ``device_type`` tensors.
+
+    ``direct`` (only while gradients are off) lets a backend skip the dispatcher, where it can
+    (a module's ``function(op, device_type, direct)``).
+    """
+    key = (op, backend, device_type, direct)
     if key not in _impl_cache:
-        _impl_cache[key] = getattr(load(backend, device_type), op)
+        module = load(backend, device_type)
+        pick = getattr(module, "function", None)
+        _impl_cache[key] = pick(op, device_type, direct) if pick else getattr(module, op)
     return _impl_cache[key]
 
 
@@ -184,13 +190,15 @@ def _traced(op: str, backend: str) -> Callable:
 def kernels(device: torch.device, dtype: torch.dtype, backend: str | None = None) -> Kernels:
     """The functions running each op for ``dtype`` weights on ``device``, as :func:`plan` chooses.
 
-    Eager: each backend's own function, cached per (device type, dtype, choice). While
+    Eager: each backend's own function, cached per (device type, dtype, choice, grad mode);
+    with gradients off, compiled kernels are called without the dispatcher. While
     ``torch.compile`` traces: the custom ops, with the chosen backend bound.
     """
     chosen = plan(device, backend, dtype)
     if torch.compiler.is_compiling():
         return Kernels(*(_traced(op, chosen[op]) for op in OPS))
-    key = (device.type, dtype, *chosen.values())
+    direct = not torch.is_grad_enabled()
+    key = (device.type, dtype, direct, *chosen.values())
     if key not in _kernels_cache:
-        _kernels_cache[key] = Kernels(*(implementation(op, chosen[op], device.type) for op in OPS))
+        _kernels_cache[key] = Kernels(*(implementation(op, chosen[op], device.type, direct) for op in OPS))
     return _kernels_cache[key]

@@ -47,9 +47,13 @@ set_choice(os.environ.get("FASTBERT_CPU_GEMM", "auto"))
 
 
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x [rows, K] @ weight.T`` runs on oneDNN with a prepacked weight (module docstring)."""
+    """Whether ``x [rows, K] @ weight.T`` runs on oneDNN with a prepacked weight (module docstring).
+
+    Only while gradients are off: the packed copy is not part of autograd's graph.
+    """
     return (x.shape[0] <= _max_rows and weight.shape[0] >= _min_dim and weight.shape[1] >= _min_dim
-            and x.dtype == torch.float32 and weight.dtype == torch.float32 and not x.is_cuda)
+            and x.dtype == torch.float32 and weight.dtype == torch.float32 and not x.is_cuda
+            and not torch.is_grad_enabled())
 
 
 def packed(weight: torch.Tensor) -> torch.Tensor:

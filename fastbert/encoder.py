@@ -149,6 +149,23 @@ def _layer(k: backends.Kernels, w: views.LayerView, h, packing: Packing, bias, c
     return k.add_layernorm(o, h, w.down_bias, w.ln2_weight, w.ln2_bias, w.ln2_eps)
 
 
+class _NoBackward(torch.autograd.Function):
+    """Marks the fused forward's output: a backward through it raises.
+
+    The ops have no autograd formulas yet, and PyTorch's default for such ops only warns and
+    gives no gradients, which would leave the encoder's weights silently untrained.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("fastbert's fused forward is inference-only and has no backward: call the model under "
+                           "torch.no_grad() (a transformers model in train mode runs its original forward)")
+
+
 class Batch:
     """One call's inputs, checked on the host; what depends on their values is checked on the device.
 
@@ -304,4 +321,8 @@ def encode(
         if states is not None:
             states.append(h)
     hidden_states = tuple(packing.pad(s, k) for s in states) if states is not None else None
-    return packing.pad(h, k), hidden_states
+    hidden = packing.pad(h, k)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        hidden = _NoBackward.apply(hidden)
+        hidden_states = tuple(_NoBackward.apply(s) for s in hidden_states) if hidden_states is not None else None
+    return hidden, hidden_states

@@ -13,6 +13,8 @@ bias and GELU into one pass over its output.
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from fastbert import cpu_gemm
@@ -53,25 +55,38 @@ def implements(op: str, device_type: str, dtype: torch.dtype | None = None) -> b
     return device_type != "cuda" or op in CUDA_OPS
 
 
-# The registered ops themselves (their default overloads, the cheapest way to call them),
-# under the op names and with the argument order of fastbert.reference.
-attention = _ops.ext_attention.default
-add_layernorm = _ops.ext_add_layernorm.default
-embed_layernorm = _ops.ext_embed_layernorm.default
-unpad = _ops.ext_unpad.default
-pad = _ops.ext_pad.default
+def _entry_points(kernels) -> dict:
+    """The op functions, under the op names and argument order of fastbert.reference, over
+    ``kernels`` (an object with the compiled kernels as attributes)."""
+
+    def linear_gelu(x, weight, bias, approximate):
+        if cpu_gemm.use_onednn(x, weight):
+            y = torch.ops.mkldnn._linear_pointwise(x, cpu_gemm.packed(weight), None, "none", [], "")
+            kernels.bias_gelu_(y, bias, approximate)
+            return y
+        return kernels.linear_gelu(x, weight, bias, approximate)
+
+    names = ("attention", "add_layernorm", "embed_layernorm", "unpad", "pad")
+    return {"linear": cpu_gemm.linear, "linear_gelu": linear_gelu,
+            **{name: getattr(kernels, name) for name in names if hasattr(kernels, name)}}
 
 
-_linear_gelu = _ops.ext_linear_gelu.default
-_bias_gelu_ = _ops.ext_bias_gelu_.default
+_KERNELS = ("attention", "linear_gelu", "bias_gelu_", "add_layernorm", "embed_layernorm", "unpad", "pad")
+# Through the registered ops (their default overloads): autograd sees them, so a backward raises.
+_REGISTERED = _entry_points(types.SimpleNamespace(**{k: getattr(_ops, f"ext_{k}").default for k in _KERNELS}))
+# Straight calls of the compiled kernels, for each device: no dispatcher, no autograd.
+_DIRECT = {"cpu": _entry_points(_C.cpu), **({"cuda": _entry_points(_C.cuda)} if WITH_CUDA else {})}
+
+linear = _REGISTERED["linear"]
+attention = _REGISTERED["attention"]
+linear_gelu = _REGISTERED["linear_gelu"]
+add_layernorm = _REGISTERED["add_layernorm"]
+embed_layernorm = _REGISTERED["embed_layernorm"]
+unpad = _REGISTERED["unpad"]
+pad = _REGISTERED["pad"]
 
 
-linear = cpu_gemm.linear
-
-
-def linear_gelu(x, weight, bias, approximate):
-    if cpu_gemm.use_onednn(x, weight):
-        y = torch.ops.mkldnn._linear_pointwise(x, cpu_gemm.packed(weight), None, "none", [], "")
-        _bias_gelu_(y, bias, approximate)
-        return y
-    return _linear_gelu(x, weight, bias, approximate)
+def function(op: str, device_type: str, direct: bool):
+    """The function running ``op`` on ``device_type`` tensors; ``direct`` (only while gradients
+    are off: nothing records them) calls the compiled kernel without the dispatcher."""
+    return _DIRECT[device_type][op] if direct else _REGISTERED[op]

@@ -11,7 +11,7 @@ reason: ``output_attentions=True``, a ``head_mask``, a KV cache passed in (gener
 cross-attention inputs, ``inputs_embeds``, unknown keyword arguments, autocast to a dtype other
 than the weights' (fastbert computes in the weights' dtype), and training mode (fastbert is
 inference-only for now: in eval mode the forward runs fused, and a backward through it raises
-PyTorch's "no autograd formula" error rather than giving wrong gradients). Configs it cannot
+an error rather than giving the encoder no gradients). Configs it cannot
 reproduce (relative position embeddings, cross-attention layers, activations other than GELU)
 are refused by ``optimize``.
 """

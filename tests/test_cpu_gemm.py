@@ -1,4 +1,7 @@
-"""CPU GEMMs: both libraries against float64, the choice rule, and packed weights kept current."""
+"""CPU GEMMs: both libraries against float64, the choice rule, and packed weights kept current.
+
+oneDNN's path runs only while gradients are off (inference), so the calls here are under no_grad.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ def gemm(request):
 def test_linear_within_rule(gemm, rows, K, N, with_bias):
     x, w = torch.randn(rows, K), torch.randn(N, K) / K**0.5
     b = torch.randn(N) if with_bias else None
-    got = cpu_gemm.linear(x, w, b)
+    with torch.no_grad():
+        got = cpu_gemm.linear(x, w, b)
     ref = F.linear(x.double(), w.double(), b.double() if with_bias else None)
     assert_within_rule(got, ref, F.linear(x, w, b))
 
@@ -41,10 +45,13 @@ def choice():
     cpu_gemm.set_choice("auto")
 
 
+@torch.no_grad()
 def test_the_rule(choice):
     choice("auto")
     w = torch.randn(768, 768)
     small, large = torch.randn(16, 768), torch.randn(65, 768)
+    with torch.enable_grad():
+        assert not cpu_gemm.use_onednn(small, w)  # autograd must see the GEMM
     assert cpu_gemm.use_onednn(small, w) == cpu_gemm.ONEDNN_AVAILABLE
     assert not cpu_gemm.use_onednn(large, w)
     assert not cpu_gemm.use_onednn(torch.randn(16, 32), torch.randn(96, 32))  # tiny: oneDNN's fixed cost loses
@@ -58,7 +65,9 @@ def test_the_rule(choice):
 
 
 def within_rule(x, w):
-    assert_within_rule(cpu_gemm.linear(x, w), F.linear(x.double(), w.double()), F.linear(x, w))
+    with torch.no_grad():
+        got = cpu_gemm.linear(x, w)
+    assert_within_rule(got, F.linear(x.double(), w.double()), F.linear(x, w))
 
 
 @needs_onednn

@@ -170,6 +170,22 @@ def test_replaced_parameter_is_used():
     assert (got[valid] - want[valid]).abs().max() <= 1e-4
 
 
+def test_kernels_skip_the_dispatcher_only_without_gradients():
+    from fastbert import backends, extension
+
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        assert backends.kernels(cpu, torch.float32, "cpp").attention is extension._C.cpu.attention
+    assert backends.kernels(cpu, torch.float32, "cpp").attention is torch.ops.fastbert.ext_attention.default
+    # With gradients on, a backward through the fused path raises instead of leaving the
+    # encoder's weights without gradients.
+    model = fastbert.optimize(small_model(), backend="cpp")
+    ids, mask, types = tokenizer_batch([5, 9], 9)
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()
+
+
 def test_autocast_to_another_dtype_runs_the_original_forward():
     reference = small_model()
     model = fastbert.optimize(copy.deepcopy(reference))
