@@ -2,9 +2,9 @@
 
 GEMMs are most of a CPU forward, and which library is faster depends on the CPU and the shape.
 Measured (benchmarks/NOTES.md): on an AMD EPYC (Zen 3, AVX2, 2 threads) oneDNN with a weight
-prepacked into its blocked layout ran BERT-base's GEMMs 1.05-1.6x faster than MKL at 16-64
-rows, and MKL was 1.1x faster at 512 rows; on an Intel Xeon (AVX-512) the two measured the same
-at every BERT shape. oneDNN also pays a fixed cost per call that loses to MKL on tiny matrices.
+prepacked into its blocked layout ran BERT-base's GEMMs 1.01-1.6x faster than MKL at 16-128
+rows, the two were even at 192, and MKL was 1.02-1.13x faster from 256 rows; on an Intel Xeon
+(AVX-512) the two measured the same at every BERT shape. oneDNN also pays a fixed cost per call that loses to MKL on tiny matrices.
 Hence the rule (``auto``): fp32, at most :data:`ONEDNN_MAX_ROWS` rows and both weight dims at
 least :data:`ONEDNN_MIN_DIM` take oneDNN; everything else takes ATen.
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 CHOICES = ("auto", "aten", "onednn")
-ONEDNN_MAX_ROWS = 64
+ONEDNN_MAX_ROWS = 128
 ONEDNN_MIN_DIM = 256
 
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
