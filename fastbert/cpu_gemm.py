@@ -22,6 +22,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from fastbert.views import stamp
+
 CHOICES = ("auto", "aten", "onednn")
 ONEDNN_MAX_ROWS = 128
 ONEDNN_MIN_DIM = 256
@@ -59,13 +61,13 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def packed(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [N, K] in oneDNN's blocked layout, made once per version of the weight."""
     key = id(weight)
-    stamp = (weight._version, weight.data_ptr())
+    current = stamp(weight)
     entry = _packed.get(key)
-    if entry is None or entry[0]() is not weight or entry[1] != stamp:
-        with torch.no_grad():
+    if entry is None or entry[0]() is not weight or entry[1] != current:
+        with torch.inference_mode(False), torch.no_grad():
             blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         # The entry goes with the weight (its id may be reused only after that).
-        entry = (weakref.ref(weight, lambda _, key=key: _packed.pop(key, None)), stamp, blocked)
+        entry = (weakref.ref(weight, lambda _, key=key: _packed.pop(key, None)), current, blocked)
         _packed[key] = entry
     return entry[2]
 

@@ -34,6 +34,15 @@ nn.modules.module.register_module_buffer_registration_hook(_bump)
 nn.modules.module.register_module_module_registration_hook(_bump)
 
 
+def stamp(t: torch.Tensor) -> tuple[int, int]:
+    """What changes when ``t``'s contents may have: its version and its storage.
+
+    Inference tensors (made under ``torch.inference_mode``) keep no version counter; an
+    in-place update of one inside inference mode is not seen.
+    """
+    return (-1 if t.is_inference() else t._version), t.data_ptr()
+
+
 class FusedQKV:
     """One ``[3H, H]`` weight and ``[3H]`` bias for the Q, K and V projections of a layer."""
 
@@ -50,12 +59,12 @@ class FusedQKV:
         """The fused weight and bias, rebuilt if a source changed since the last call."""
         wq, wk, wv, bq, bk, bv = self.sources
         # Spelled out: this runs once per layer and forward, and a generator costs more than the check.
-        stamp = (wq._version, wk._version, wv._version, bq._version, bk._version, bv._version,
-                 wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), bq.data_ptr(), bk.data_ptr(), bv.data_ptr())
-        if stamp != self._stamp:
-            with torch.no_grad():
+        current = (stamp(wq), stamp(wk), stamp(wv), stamp(bq), stamp(bk), stamp(bv))
+        if current != self._stamp:
+            # A normal tensor even when built under inference_mode, so it serves every mode after.
+            with torch.inference_mode(False), torch.no_grad():
                 self.weight, self.bias = self.traced()
-            self._stamp = stamp
+            self._stamp = current
         return self.weight, self.bias
 
 

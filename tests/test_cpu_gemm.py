@@ -109,3 +109,28 @@ def test_model_on_onednn_matches_hf_after_a_weight_update(choice):
             update = {k: v * 1.1 if k.endswith("weight") else v for k, v in reference.state_dict().items()}
             reference.load_state_dict(update)
             model.load_state_dict(update)
+
+
+@needs_onednn
+def test_model_under_inference_mode(choice):
+    """sentence-transformers encodes under torch.inference_mode: weights and fused copies made
+    there keep no version counter, and must serve calls outside it too."""
+    transformers = pytest.importorskip("transformers")
+    choice("onednn")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=99, hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=512)
+    reference = transformers.BertModel(config, add_pooling_layer=False).eval()
+    model = fastbert.optimize(copy.deepcopy(reference), backend="cpp")
+    ids = torch.randint(0, 99, (2, 7))
+    want = reference(input_ids=ids).last_hidden_state.detach()
+    with torch.inference_mode():
+        got = model(input_ids=ids).last_hidden_state
+    assert (got - want).abs().max() <= 1e-4
+    with torch.no_grad():
+        assert (model(input_ids=ids).last_hidden_state - want).abs().max() <= 1e-4
+    with torch.inference_mode():  # a model whose own weights are inference tensors
+        frozen = fastbert.optimize(copy.deepcopy(reference), backend="cpp")
+        for p in frozen.parameters():
+            p.data = p.data.clone()
+        assert (frozen(input_ids=ids).last_hidden_state - want).abs().max() <= 1e-4
