@@ -152,12 +152,14 @@ def _layer(k: backends.Kernels, w: views.LayerView, h, packing: Packing, bias, c
 class _NoBackward(torch.autograd.Function):
     """Marks the fused forward's output: a backward through it raises.
 
-    The ops have no autograd formulas yet, and PyTorch's default for such ops only warns and
-    gives no gradients, which would leave the encoder's weights silently untrained.
+    The ops have no autograd formulas yet. PyTorch's default for registered ops without one only
+    warns and gives no gradients, and a Triton kernel's output is not connected at all: either
+    way the encoder's weights would go silently untrained. Taking a weight as an input makes the
+    mark part of the graph whenever the weights require gradients.
     """
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, weight):
         return x.view_as(x)
 
     @staticmethod
@@ -322,7 +324,8 @@ def encode(
             states.append(h)
     hidden_states = tuple(packing.pad(s, k) for s in states) if states is not None else None
     hidden = packing.pad(h, k)
-    if torch.is_grad_enabled() and hidden.requires_grad:
-        hidden = _NoBackward.apply(hidden)
-        hidden_states = tuple(_NoBackward.apply(s) for s in hidden_states) if hidden_states is not None else None
+    if torch.is_grad_enabled():
+        weight = view.word_embeddings
+        hidden = _NoBackward.apply(hidden, weight)
+        hidden_states = tuple(_NoBackward.apply(s, weight) for s in hidden_states) if hidden_states is not None else None
     return hidden, hidden_states

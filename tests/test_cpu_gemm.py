@@ -88,15 +88,20 @@ def test_packed_weight_follows_the_weight(choice):
     assert key not in cpu_gemm._packed
 
 
-@needs_onednn
-def test_model_on_onednn_matches_hf_after_a_weight_update(choice):
+def reference_and_optimized(layers: int):
+    """A BERT with GEMMs wide enough for oneDNN's path, and an optimized copy on the cpp backend."""
     transformers = pytest.importorskip("transformers")
-    choice("onednn")
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=99, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+    config = transformers.BertConfig(vocab_size=99, hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
                                      intermediate_size=512)
     reference = transformers.BertModel(config, add_pooling_layer=False).eval()
-    model = fastbert.optimize(copy.deepcopy(reference), backend="cpp")
+    return reference, fastbert.optimize(copy.deepcopy(reference), backend="cpp")
+
+
+@needs_onednn
+def test_model_on_onednn_matches_hf_after_a_weight_update(choice):
+    choice("onednn")
+    reference, model = reference_and_optimized(layers=2)
     ids = torch.randint(0, 99, (3, 11))
     mask = (torch.arange(11)[None] < torch.tensor([11, 4, 7])[:, None]).long()
     valid = mask.bool()
@@ -115,13 +120,8 @@ def test_model_on_onednn_matches_hf_after_a_weight_update(choice):
 def test_model_under_inference_mode(choice):
     """sentence-transformers encodes under torch.inference_mode: weights and fused copies made
     there keep no version counter, and must serve calls outside it too."""
-    transformers = pytest.importorskip("transformers")
     choice("onednn")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=99, hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=512)
-    reference = transformers.BertModel(config, add_pooling_layer=False).eval()
-    model = fastbert.optimize(copy.deepcopy(reference), backend="cpp")
+    reference, model = reference_and_optimized(layers=1)
     ids = torch.randint(0, 99, (2, 7))
     want = reference(input_ids=ids).last_hidden_state.detach()
     with torch.inference_mode():
