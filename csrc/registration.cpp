@@ -96,6 +96,11 @@ PYBIND11_MODULE(_C, m) {
   cpu.def("embed_layernorm", &fastbert::cpu::embed_layernorm);
   cpu.def("unpad", &fastbert::cpu::unpad);
   cpu.def("pad", &fastbert::cpu::pad);
+  // Only for calls with gradients off (a packed weight is not part of autograd's graph), so
+  // these have no dispatcher registration.
+  cpu.attr("PANEL_WIDTH") = fastbert::cpu::panel_width();
+  cpu.def("pack_panels", &fastbert::cpu::pack_panels);
+  cpu.def("panel_linear", &fastbert::cpu::panel_linear);
 #ifdef FASTBERT_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA kernels, called without the dispatcher");
   cuda.def("linear_gelu", &linear_gelu<fastbert::cuda::bias_gelu_>);

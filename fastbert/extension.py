@@ -8,7 +8,8 @@ selection then warns once and falls back (see :mod:`fastbert.backends`).
 The names below are the registered ops under the op names of :mod:`fastbert.reference`.
 ``linear_gelu`` leaves the GEMM to a library (cuBLAS on CUDA; on CPU ATen or oneDNN with a
 prepacked weight, as :mod:`fastbert.cpu_gemm` picks, which also serves ``linear``) and fuses
-bias and GELU into one pass over its output.
+bias and GELU into one pass over its output; with few rows on CPU, fastbert's own panel GEMM
+applies them in its epilogue.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def _entry_points(kernels) -> dict:
     ``kernels`` (an object with the compiled kernels as attributes)."""
 
     def linear_gelu(x, weight, bias, approximate):
-        if cpu_gemm.use_onednn(x, weight):
+        chosen = cpu_gemm.library(x, weight)
+        if chosen == cpu_gemm.PANELS:  # bias and GELU in the GEMM's own epilogue
+            return _C.cpu.panel_linear(x, cpu_gemm.panels(weight), bias, approximate)
+        if chosen == cpu_gemm.ONEDNN:
             y = torch.ops.mkldnn._linear_pointwise(x, cpu_gemm.packed(weight), None, "none", [], "")
             kernels.bias_gelu_(y, bias, approximate)
             return y

@@ -100,6 +100,23 @@ def test_all_minilm_checkpoint_matches_hf():
     assert (got - expected)[mask.bool()].abs().max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("lengths", [[7, 129, 40, 1], [16]])
+def test_bf16_error_within_4x_hf_bf16s(lengths):
+    """bf16 mode's accuracy rule: the error against HF in fp32 is at most 4x HF's own in bf16."""
+    config = _small_config(intermediate_size=1024)  # wide enough for every GEMM to take oneDNN
+    hf32 = transformers.BertModel(config, add_pooling_layer=False).eval()
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    ours = fastbert.optimize(copy.deepcopy(hf16), backend="cpp")
+    ids, mask = _batch(lengths, config.vocab_size)
+    valid = mask.bool()
+    with torch.no_grad():
+        want = hf32(ids, attention_mask=mask).last_hidden_state[valid]
+        hf_error = (hf16(ids, attention_mask=mask).last_hidden_state[valid].float() - want).abs().max()
+        got = ours(ids, attention_mask=mask).last_hidden_state
+    assert got.dtype == torch.bfloat16
+    assert (got[valid].float() - want).abs().max() <= 4 * hf_error
+
+
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastbert._C", None)  # import of fastbert._C now fails
     monkeypatch.delattr(fastbert, "_C", raising=False)

@@ -37,6 +37,19 @@ def test_sentence_embeddings_match(original_and_optimized):
     assert (ref - out).abs().max() <= 1e-4
 
 
+def test_bf16_sentence_embeddings(original_and_optimized):
+    """bf16 mode on a real checkpoint: cosine >= 0.999 against fp32, error within 4x HF bf16's own."""
+    original, _ = original_and_optimized
+    path = str(minilm.get_model_path())
+    hf_bf16 = sentence_transformers.SentenceTransformer(path, device="cpu").to(torch.bfloat16)
+    ours = fastbert.optimize(sentence_transformers.SentenceTransformer(path, device="cpu").to(torch.bfloat16))
+    ref = original.encode(SENTENCES, convert_to_tensor=True, batch_size=8)
+    hf_error = (hf_bf16.encode(SENTENCES, convert_to_tensor=True, batch_size=8).float() - ref).abs().max()
+    out = ours.encode(SENTENCES, convert_to_tensor=True, batch_size=8).float()
+    assert torch.nn.functional.cosine_similarity(ref, out).min() >= 0.999
+    assert (out - ref).abs().max() <= 4 * hf_error
+
+
 def test_standalone_loader_reads_the_checkpoint(original_and_optimized):
     original, _ = original_and_optimized
     model = fastbert.Bert.from_pretrained(minilm.get_model_path()).eval()

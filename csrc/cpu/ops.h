@@ -17,6 +17,13 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 void bias_gelu_(const at::Tensor& y, const at::Tensor& bias, std::string_view approximate);
 
+// fp32 GEMMs of few rows on a weight packed into panels (gemm.cpp): pack_panels(W [N, K]) once,
+// then panel_linear(x, panels, b, gelu) = x Wᵀ + b, GELU'd when gelu_approximate is given.
+int64_t panel_width();
+at::Tensor pack_panels(const at::Tensor& weight);
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias,
+                        std::optional<std::string_view> gelu_approximate);
+
 at::Tensor add_layernorm(const at::Tensor& x, const at::Tensor& residual,
                          const std::optional<at::Tensor>& bias, const at::Tensor& weight,
                          const at::Tensor& ln_bias, double eps);
