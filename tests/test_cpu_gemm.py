@@ -47,12 +47,13 @@ def test_linear_within_rule(gemm, rows, K, N, with_bias):
     assert_within_rule(got, ref, F.linear(x, w, b))
 
 
-@pytest.mark.parametrize("rows,K,N", [(1, 256, 768), (9, 768, 3072), (13, 37, 80)])
+@pytest.mark.parametrize("rows,K,N", [(1, 256, 768), (9, 768, 3072), (13, 37, 80), (200, 256, 512)])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_linear_gelu_within_rule(gemm, rows, K, N, approximate):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_gelu_within_rule(gemm, rows, K, N, approximate, dtype):
     from fastbert import extension
 
-    x, w, b = torch.randn(rows, K), torch.randn(N, K) / K**0.5, torch.randn(N)
+    x, w, b = (t.to(dtype) for t in (torch.randn(rows, K), torch.randn(N, K) / K**0.5, torch.randn(N)))
     with torch.no_grad():
         got = extension.function("linear_gelu", "cpu", direct=True)(x, w, b, approximate)
     ref = F.gelu(F.linear(x.double(), w.double(), b.double()), approximate=approximate)
