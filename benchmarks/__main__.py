@@ -1,7 +1,7 @@
 """``python -m benchmarks``: fastbert against its peers on BERT workloads (``--kernels``: op microbenchmarks).
 
     python -m benchmarks --quick                  # MiniLM + a small BERT-base shape: 20 s on 2 idle cores, < 3 min busy
-    python -m benchmarks                          # the full grid for the device (CPU: + bf16 BERT-base 8x128 uniform)
+    python -m benchmarks                          # the full grid for the device (CPU: + bf16 BERT-base 1x16 and 8x128, full and uniform)
     python -m benchmarks --impl fastbert-torch,hf-eager --workload minilm --shapes 8x128 --fills skewed
     python -m benchmarks --kernels --device cuda  # each op against its PyTorch equivalent
     python -m benchmarks --dtype bfloat16 --workload bert-base --shapes 8x128 --fills uniform  # bf16, any CPU
@@ -54,8 +54,8 @@ def parser() -> argparse.ArgumentParser:
                    "(HF SDPA, the baseline, always runs)")
     p.add_argument("--workload", type=_names(tuple(WORKLOADS)), help=f"comma-separated, from: {', '.join(WORKLOADS)}")
     p.add_argument("--dtype", type=_names(("float32", "float16", "bfloat16")),
-                   help="comma-separated (default: float32 on CPU, plus bfloat16 at BERT-base 8x128 uniform where the "
-                   "CPU has AVX512-BF16 or AMX; float16,bfloat16 on CUDA)")
+                   help="comma-separated (default: float32 on CPU, plus bfloat16 at BERT-base 1x16 and 8x128, full "
+                   "and uniform, where the CPU has AVX512-BF16 or AMX; float16,bfloat16 on CUDA)")
     p.add_argument("--shapes", type=_shapes, help="BATCHxSEQ list replacing the grid, e.g. 8x128,1x16")
     p.add_argument("--fills", type=_names(FILLS), help=f"comma-separated, from: {', '.join(FILLS)}")
     p.add_argument("--budget", type=float,

@@ -92,10 +92,11 @@ class Section:
     needs: tuple[str, ...] = ()
 
 
-# bf16 on CPU: one BERT-base row, where bf16 GEMMs have hardware support (without AVX512-BF16 or
-# AMX, oneDNN/MKL emulate them and every peer is several times slower than in fp32). An explicit
-# --dtype bfloat16 runs the whole grid in bf16 on any CPU.
-CPU_BF16 = Section("bert-base", torch.bfloat16, ((8, 128),), ("uniform",), needs=("avx512_bf16", "amx_bf16"))
+# bf16 on CPU: BERT-base, one query and a batch, full and about half full, where bf16 GEMMs have
+# hardware support (without AVX512-BF16 or AMX, oneDNN/MKL emulate them and every peer is several
+# times slower than in fp32). An explicit --dtype bfloat16 runs the whole grid in bf16 on any CPU.
+CPU_BF16 = Section("bert-base", torch.bfloat16, ((1, 16), (8, 128)), ("full", "uniform"),
+                   needs=("avx512_bf16", "amx_bf16"))
 DEFAULT_SECTIONS = {"cpu": (CPU_BF16,), "cuda": ()}
 
 

@@ -411,8 +411,8 @@ def test_default_cpu_grid_has_the_bf16_section_and_explicit_dtype_always_runs(mo
     cli.main(["--device", "cpu", "--dtype", "bfloat16", "--workload", "tiny"])
     full, impl_only, quick, explicit = chosen
     assert full.sections == impl_only.sections == (runner.CPU_BF16,) and full.dtypes == (torch.float32,)
-    assert runner.CPU_BF16.workload == "bert-base" and runner.CPU_BF16.shapes == ((8, 128),)
-    assert runner.CPU_BF16.fills == ("uniform",)
+    assert runner.CPU_BF16.workload == "bert-base" and runner.CPU_BF16.shapes == ((1, 16), (8, 128))
+    assert runner.CPU_BF16.fills == ("full", "uniform")
     assert quick.sections == () and explicit.sections == () and explicit.dtypes == (torch.bfloat16,)
 
 
