@@ -1,8 +1,10 @@
 // Small helpers over ATen's at::vec shared by the CPU kernels.
 //
 // Every kernel computes in fp32. Vectorized<float> loads and stores of fp32 data are direct;
-// bf16/fp16 data is converted element by element through an aligned scratch array, which is
-// simple, keeps one code path per kernel, and costs little next to fp32's memory traffic.
+// full vectors of bf16 on AVX-512 convert in registers (with AMX/AVX512-BF16 GEMMs, bf16 is a
+// mode people run for speed, and element-wise conversion made attention slower than in fp32);
+// other bf16/fp16 data is converted element by element through an aligned scratch array, which
+// is simple and keeps one code path per kernel.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -25,6 +27,13 @@ inline Vec load(const T* ptr, int64_t count = kVecSize) {
   if constexpr (std::is_same_v<T, float>) {
     return Vec::loadu(ptr, count);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (std::is_same_v<T, c10::BFloat16> && count == kVecSize) {
+      __m512 out;
+      at::vec::cvtbf16_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr)), out);
+      return out;
+    }
+#endif
     __at_align__ float tmp[kVecSize] = {};
     for (int64_t i = 0; i < count; ++i) tmp[i] = static_cast<float>(ptr[i]);
     return Vec::loadu(tmp);
@@ -37,6 +46,12 @@ inline void store(Vec v, T* ptr, int64_t count = kVecSize) {
   if constexpr (std::is_same_v<T, float>) {
     v.store(ptr, count);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (std::is_same_v<T, c10::BFloat16> && count == kVecSize) {  // rounds to nearest even, as c10 does
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ptr), at::vec::cvtfp32_bf16(__m512(v)));
+      return;
+    }
+#endif
     __at_align__ float tmp[kVecSize];
     v.store(tmp);
     for (int64_t i = 0; i < count; ++i) ptr[i] = static_cast<T>(tmp[i]);
