@@ -156,8 +156,9 @@ def _commit() -> str | None:
 
 
 def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
-    """The CPU: ``cpu_vendor`` (``vendor_id``: GenuineIntel, AuthenticAMD) and ``cpu_model`` (model
-    name) from ``cpuinfo``, ``cpu_flags`` (each of :data:`ISA_FLAGS`: present or not) and torch's
+    """The CPU: ``cpu_vendor`` (``vendor_id``: GenuineIntel, AuthenticAMD), ``cpu_model`` (model
+    name) and ``cpu_family_model`` (cpuid family and model, e.g. ``6-207``) from ``cpuinfo``,
+    ``cpu_flags`` (each of :data:`ISA_FLAGS`: present or not) and torch's
     ``cpu_capability`` (the kernels its CPU dispatch picked: AVX512, AVX2, ...). Without
     ``cpuinfo`` (not Linux) or where it lacks a field (ARM), the vendor and the flags are None and
     the model is what :mod:`platform` says."""
@@ -177,6 +178,8 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     return {
         "cpu_vendor": fields.get("vendor_id") or None,
         "cpu_model": fields.get("model name") or platform.processor() or platform.machine() or "unknown",
+        "cpu_family_model": (f"{fields['cpu family']}-{fields['model']}"
+                             if "cpu family" in fields and "model" in fields else None),
         "cpu_flags": {flag: None if flags is None else flag in flags for flag in ISA_FLAGS},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
@@ -186,15 +189,20 @@ def _slug(text: str) -> list[str]:
     return "".join(c if c.isalnum() else " " for c in text.lower()).split()
 
 
-def cpu_folder(vendor: str | None, model: str) -> str:
+def cpu_folder(vendor: str | None, model: str, family_model: str | None = None) -> str:
     """``cpu-<vendor>-<model>``, e.g. ``cpu-intel-xeon-platinum-8480`` or ``cpu-amd-epyc-7763-64-core-processor``:
     trademark marks dropped, and the vendor not repeated when the model name starts with it. A
     model name alone (``vendor`` None: not recorded, or not Linux) gives the same folder when it
-    starts with the vendor's name, as Intel's and AMD's do."""
+    starts with the vendor's name, as Intel's and AMD's do. A model name without a model number
+    (virtual machines often say only "Intel(R) Xeon(R) Processor") is followed by the cpuid
+    ``family_model`` where known, e.g. ``cpu-intel-xeon-processor-6-207``: different CPUs behind
+    one generic name must not share a folder."""
     short = VENDORS.get(vendor, "-".join(_slug(vendor))) if vendor else None
     words = _slug(model.replace("(R)", " ").replace("(r)", " ").replace("(TM)", " ").replace("(tm)", " "))
     if short and words[:1] != [short]:
         words = [short, *words]
+    if family_model and not any(c.isdigit() for c in model):
+        words.append(family_model)
     return "-".join(["cpu", *(words or ["unknown"])])
 
 
@@ -203,7 +211,7 @@ def device_folder(device: torch.device) -> str:
     CPUs or GPUs never share a folder."""
     if device.type != "cuda":
         cpu = cpu_info()
-        return cpu_folder(cpu["cpu_vendor"], cpu["cpu_model"])
+        return cpu_folder(cpu["cpu_vendor"], cpu["cpu_model"], cpu["cpu_family_model"])
     return "cuda-" + "-".join(_slug(torch.cuda.get_device_name(device)))
 
 

@@ -339,10 +339,13 @@ def test_results_of_different_cpus_go_to_different_folders(monkeypatch):
     assert (intel, amd) == ("cpu-intel-xeon-platinum-8480", "cpu-amd-epyc-7763-64-core-processor")
     assert runner.cpu_folder(None, "Intel(R) Xeon(R) Platinum 8480+") == intel  # vendor not recorded
     assert runner.cpu_folder("AuthenticAMD", "AMD EPYC 9654") != runner.cpu_folder("AuthenticAMD", "AMD EPYC 7763")
+    # A generic model name is told apart by cpuid family and model; a numbered one needs no help.
+    assert runner.cpu_folder("GenuineIntel", "Intel(R) Xeon(R) Processor", "6-207") == "cpu-intel-xeon-processor-6-207"
+    assert runner.cpu_folder("GenuineIntel", "Intel(R) Xeon(R) Platinum 8480+", "6-143") == intel
     # The default folder is named after this machine's CPU.
     vendor, model = _this_cpu()
     folder = runner.device_folder(torch.device("cpu"))
-    assert folder == runner.cpu_folder(vendor, model) and folder.startswith("cpu-")
+    assert folder == runner.cpu_folder(vendor, model, runner.cpu_info()["cpu_family_model"]) and folder.startswith("cpu-")
     words = "".join(c if c.isalnum() else " " for c in model.lower()).split()
     assert [w for w in folder.split("-")[1:] if w in words] == [w for w in words if w not in ("r", "tm")]
     chosen = []
@@ -361,7 +364,7 @@ def test_committed_cpu_results_sit_in_the_folder_their_records_name():
         for path in documents:
             document = json.loads(path.read_text())
             run = document.get("run", document)  # host-overhead.json keeps the machine at its top
-            assert runner.cpu_folder(run.get("cpu_vendor"), run["cpu_model"]) == folder.name, path
+            assert runner.cpu_folder(run.get("cpu_vendor"), run["cpu_model"], run.get("cpu_family_model")) == folder.name, path
 
 
 # ------------------------------------------------------------------------------ bf16 on CPU
