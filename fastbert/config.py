@@ -62,14 +62,19 @@ class BertConfig:
             raise UnsupportedConfigError(
                 f"hidden_act={self.hidden_act!r} is not supported; fastbert fuses {sorted(GELU_BY_HIDDEN_ACT)}"
             )
-        if self.position_embedding_type != "absolute":
-            raise UnsupportedConfigError(
-                f"position_embedding_type={self.position_embedding_type!r} is not supported; "
-                "only absolute position embeddings are"
-            )
-        if self.add_cross_attention:
-            raise UnsupportedConfigError("add_cross_attention=True (cross-attention) is not supported")
+        check_features(self.position_embedding_type, self.add_cross_attention)
         if self.hidden_size % self.num_attention_heads:
             raise UnsupportedConfigError(
                 f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
             )
+
+
+def check_features(position_embedding_type: str, add_cross_attention: bool) -> None:
+    """Raise UnsupportedConfigError for the config features no family's fused path runs."""
+    if position_embedding_type != "absolute":
+        raise UnsupportedConfigError(
+            f"position_embedding_type={position_embedding_type!r} is not supported; only absolute position "
+            "embeddings are"
+        )
+    if add_cross_attention:
+        raise UnsupportedConfigError("add_cross_attention=True (cross-attention) is not supported")
