@@ -45,7 +45,7 @@ at::Tensor linear_gelu(const at::Tensor& x, const at::Tensor& weight, const at::
 
 TORCH_LIBRARY_FRAGMENT(fastbert, m) {
   m.def("ext_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale, "
-        "bool causal, Tensor? bias) -> Tensor");
+        "bool causal, Tensor? bias, Tensor? rel_bias=None, Tensor? positions=None) -> Tensor");
   m.def("ext_linear_gelu(Tensor x, Tensor weight, Tensor bias, str approximate) -> Tensor");
   m.def("ext_bias_gelu_(Tensor(a!) y, Tensor bias, str approximate) -> ()");
   m.def("ext_add_layernorm(Tensor x, Tensor residual, Tensor? bias, Tensor weight, Tensor ln_bias, "
@@ -89,7 +89,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("CPU_ISA") = FASTBERT_CPU_ISA;
 
   auto cpu = m.def_submodule("cpu", "CPU kernels, called without the dispatcher");
-  cpu.def("attention", &fastbert::cpu::attention);
+  cpu.def("attention", &fastbert::cpu::attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens"),
+          py::arg("max_seqlen"), py::arg("scale"), py::arg("causal"), py::arg("bias"),
+          py::arg("rel_bias") = py::none(), py::arg("positions") = py::none());
   cpu.def("linear_gelu", &linear_gelu<fastbert::cpu::bias_gelu_>);
   cpu.def("bias_gelu_", &fastbert::cpu::bias_gelu_);
   cpu.def("add_layernorm", &fastbert::cpu::add_layernorm);

@@ -6,7 +6,9 @@ backend's function of the same name; shapes and semantics are those of the refer
 as a single node. Eager forwards skip this layer and call the backends' functions directly
 (:func:`fastbert.backends.kernels`); these ops are what ``torch.compile`` and tracing see.
 
-Call them as ``fastbert.ops.attention(...)`` (or ``torch.ops.fastbert.attention``).
+Call them as ``fastbert.ops.attention(...)`` (or ``torch.ops.fastbert.attention``). ``backend`` is
+the last argument of each; attention's is keyword-only, as it follows the two optional
+relative-bias arguments (``rel_bias``, ``positions``).
 """
 
 from __future__ import annotations
@@ -31,13 +33,16 @@ def attention(
     scale: float,
     causal: bool,
     bias: Tensor | None,
+    rel_bias: Tensor | None = None,
+    positions: Tensor | None = None,
+    *,
     backend: str,
 ) -> Tensor:
-    return _impl("attention", backend, q)(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias)
+    return _impl("attention", backend, q)(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions)
 
 
 @attention.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, backend):
+def _(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias=None, positions=None, *, backend):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
 
 

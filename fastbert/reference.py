@@ -7,7 +7,8 @@ input dtype except where noted (softmax and LayerNorm statistics in at least fp3
 Shapes (T = total valid tokens over the batch, B = batch, S = padded length, H = hidden,
 N = heads, D = head dim):
 
-- attention: q, k, v ``[T, N, D]`` packed by ``cu_seqlens`` (int32 ``[B + 1]``) -> ``[T, N, D]``
+- attention: q, k, v ``[T, N, D]`` packed by ``cu_seqlens`` (int32 ``[B + 1]``) -> ``[T, N, D]``;
+  optional relative-position table ``[N, W]`` with ``positions`` ``[T]``
 - linear: x ``[T, K]``, weight ``[F, K]``, bias ``[F]`` or None -> ``[T, F]``
 - linear_gelu: x ``[T, K]``, weight ``[F, K]``, bias ``[F]`` -> ``[T, F]``
 - add_layernorm: x, residual ``[T, H]`` -> ``[T, H]``
@@ -31,6 +32,28 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def check_rel_bias(q: torch.Tensor, rel_bias: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+    """Raise a ValueError/TypeError naming the argument unless ``rel_bias`` (if given) is a float32
+    ``[N, W]`` table with W odd, on q's device, and ``positions`` an int32 ``[T]`` vector there."""
+    if rel_bias is None:
+        return
+    T, N = q.shape[0], q.shape[1]
+    if not isinstance(rel_bias, torch.Tensor) or rel_bias.dtype != torch.float32:
+        raise TypeError(f"rel_bias must be a float32 tensor, got {getattr(rel_bias, 'dtype', type(rel_bias))}")
+    if rel_bias.dim() != 2 or rel_bias.shape[0] != N or rel_bias.shape[1] % 2 != 1:
+        raise ValueError(f"rel_bias must be [heads, 2R + 1] = [{N}, odd], got {tuple(rel_bias.shape)}")
+    if rel_bias.device != q.device:
+        raise ValueError(f"rel_bias is on {rel_bias.device} but q is on {q.device}")
+    if positions is None:
+        raise ValueError("positions (int32 [T], each token's column in its padded sequence) is required with rel_bias")
+    if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int32:
+        raise TypeError(f"positions must be an int32 tensor, got {getattr(positions, 'dtype', type(positions))}")
+    if positions.shape != (T,):
+        raise ValueError(f"positions must be [T] = [{T}], got {tuple(positions.shape)}")
+    if positions.device != q.device:
+        raise ValueError(f"positions is on {positions.device} but q is on {q.device}")
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -40,15 +63,28 @@ def attention(
     scale: float,
     causal: bool,
     bias: torch.Tensor | None,
+    rel_bias: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ · scale + bias, causal) v for each packed sequence.
+    """softmax(q kᵀ · scale + rel + bias, causal) v for each packed sequence.
 
     ``bias`` (optional) is additive, shaped ``[B, N, max_seqlen, max_seqlen]`` (broadcast dims
     allowed); it is only meaningful when every sequence has length ``max_seqlen`` (the padded
     path). A query row whose keys are all masked (-inf) gives zeros, never NaN. Rows past
     ``cu_seqlens[-1]`` (the dummy rows of a static packing) belong to no sequence; their output
     is unspecified (zeros here).
+
+    ``rel_bias`` (optional) is a relative-position bias given as a per-head lookup table over
+    the signed key-query distance, float32 ``[N, W]`` with W = 2R + 1 odd (T5-style bucketed
+    biases, MPNet's among them, are such a table): for a query at column ``pq`` and a key at
+    column ``pk`` of the same sequence, head ``h`` adds ``rel_bias[h, clamp(pk - pq, -R, R) + R]``
+    to the scaled score (before ``bias``, the causal mask and the softmax). It needs
+    ``positions``, int32 ``[T]``: each packed token's column in its original padded sequence
+    (non-negative), so the distance is between original columns even where a mask left holes;
+    the rows past ``cu_seqlens[-1]`` may hold any value. ``positions`` is unused without
+    ``rel_bias``. The causal mask still compares ranks within the packed sequence.
     """
+    check_rel_bias(q, rel_bias, positions)
     out_dtype = q.dtype
     cdt = _compute_dtype(q.dtype)
     batch = cu_seqlens.numel() - 1
@@ -65,6 +101,11 @@ def attention(
 
     qp, kp, vp = padded(q[:real]), padded(k[:real]), padded(v[:real])
     scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale  # [B, N, S, S]
+    if rel_bias is not None:
+        radius = (rel_bias.shape[1] - 1) // 2
+        columns = pad(positions[:real].long(), index, batch, S)  # [B, S]
+        distance = (columns[:, None, :] - columns[:, :, None]).clamp(-radius, radius) + radius  # [B, Sq, Sk]
+        scores = scores + rel_bias.to(cdt)[:, distance].transpose(0, 1)  # [N, B, S, S] -> [B, N, S, S]
     if bias is not None:
         scores = scores + bias.to(cdt)
     allowed = valid[:, None, None, :]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastbert import backends, reference
+from relative_bias import bad_arguments, columns_with_holes, table
 from tolerance import assert_within_rule
 
 if os.environ.get("FASTBERT_SKIP_EXT") == "1":
@@ -125,6 +126,60 @@ def test_attention_additive_bias(bias_shape, dtype):
     out = extension.attention(*args)
     _check(out, reference.attention, *args)
     assert out.view(3, 70, 2, 64)[:, 5].abs().max() == 0
+
+
+def _check_attention_rel_bias(attention, q, k, v, cu, max_seqlen, causal, bias, rel_bias, positions, real):
+    """Rule check of ``attention`` (with the relative bias) on the first ``real`` rows."""
+    args = (q, k, v, cu, max_seqlen, q.shape[-1] ** -0.5, causal)
+    out = attention(*args, bias, rel_bias, positions)
+    as64 = [t.double() for t in (q, k, v)]
+    bias64 = None if bias is None else bias.double()
+    ref64 = reference.attention(*as64, *args[3:], bias64, rel_bias, positions)
+    peer = reference.attention(*args, bias, rel_bias, positions)
+    assert_within_rule(out[:real], ref64[:real], peer[:real])
+
+
+# The registered op (what autograd and torch.compile see) and the direct call of the eager path.
+ATTENTION_ENTRIES = {"registered": lambda *args: extension.attention(*args),
+                     "direct": lambda *args: extension.function("attention", "cpu", True)(*args)}
+
+
+@pytest.mark.parametrize("entry", ATTENTION_ENTRIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("width", [1, 9, 257])
+@pytest.mark.parametrize("lengths", [[1], [7, 0, 129, 1], [127, 64, 300]])
+def test_attention_rel_bias(lengths, width, causal, dtype, entry):
+    q, k, v, cu = _packed(lengths, 3, 64, dtype)
+    rel, cols = table(3, width), columns_with_holes(lengths, holes=7)
+    _check_attention_rel_bias(ATTENTION_ENTRIES[entry], q, k, v, cu, max(lengths), causal, None, rel, cols, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_rel_bias_with_padded_bias_and_dummy_rows(causal, dtype):
+    # The padded path's bias on top, a table that is a strided view, and dummy rows past the
+    # last sequence (a static packing's) whose columns are garbage: the real rows stay exact.
+    q, k, v, cu = _packed([70, 70, 4], 2, 32, dtype)
+    cu = cu[:-1]
+    bias = torch.randn(2, 1, 70, 70)
+    bias[1, :, 6, 10:] = float("-inf")
+    rel = table(5, 41)[1:4:2]  # rows 1 and 3: [2, 41], head stride 2 x 41
+    cols = torch.cat([columns_with_holes([70, 70], holes=30),
+                      torch.tensor([-(2**31), 2**31 - 1, 0, 5], dtype=torch.int32)])
+    _check_attention_rel_bias(extension.attention, q, k, v, cu, 70, causal, bias, rel, cols, 140)
+
+
+@pytest.mark.parametrize("entry", ATTENTION_ENTRIES)
+def test_attention_rel_bias_rejects_bad_arguments(entry):
+    q, k, v, cu = _packed([5, 3], 2, 16, torch.float32)
+    for kwargs, error, match in bad_arguments(q):
+        if entry == "registered" and any(t is not None and t.device != q.device for t in kwargs.values()):
+            # The dispatcher picks the kernel by the tensors' devices: there is none for a
+            # tensor on another device, and it says so, naming the op.
+            error, match = NotImplementedError, "ext_attention"
+        with pytest.raises(error, match=match):
+            ATTENTION_ENTRIES[entry](q, k, v, cu, 5, 0.25, False, None, kwargs["rel_bias"], kwargs["positions"])
 
 
 @pytest.mark.parametrize("threads", [1, 3, 7])

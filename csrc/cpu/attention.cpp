@@ -8,6 +8,7 @@
 // softmax (running max m and sum l per query row), so no [S, S] score matrix is ever stored:
 //
 //   S = (q * scale) Kᵀ
+//   S += rel_bias[h, clamp(pos[key] - pos[query], -R, R) + R]  (if a relative-bias table is given)
 //   S += bias; mask padding keys and, if causal, keys after the query
 //   m' = max(m, rowmax S);  P = exp(S - m');  l = l·exp(m - m') + rowsum P
 //   O = O·exp(m - m') + P V
@@ -51,6 +52,12 @@ struct Strides {
 struct BiasView {  // additive fp32 bias [B, N, S, S] by strides (0 where broadcast)
   const float* data = nullptr;
   int64_t b = 0, n = 0, q = 0, k = 0;
+};
+
+struct RelBiasView {  // relative-position bias: a contiguous fp32 [N, 2R + 1] table, int32 [T] columns
+  const float* table = nullptr;
+  const int32_t* positions = nullptr;
+  int64_t radius = 0;
 };
 
 // Both products are one register-tiled micro-kernel: for R = kAccRegs / NV rows,
@@ -128,6 +135,7 @@ struct Problem {
   float scale;
   bool causal;
   BiasView bias;
+  RelBiasView rel;
 };
 
 // Online-softmax update of one query row's scores s[:width] (width keys computed, the first
@@ -172,6 +180,8 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
   std::fill(w.l.begin(), w.l.end(), 0.f);
   const int64_t key_end = p.causal ? std::min(len, q0 + rows) : len;
   const float* bias = p.bias.data;
+  const float* rel_table = p.rel.table ? p.rel.table + h * (2 * p.rel.radius + 1) : nullptr;
+  const int32_t* columns = p.rel.positions ? p.rel.positions + start : nullptr;  // this sequence's
 
   for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
     const int64_t keys = std::min(kBlockK, key_end - k0);
@@ -186,6 +196,13 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
         std::fill(s, s + width, 0.f);
         w.corr[i] = 1.f;
         continue;
+      }
+      if (rel_table) {
+        // One table row of head h (2R + 1 floats: L1-resident); distances in int64, so any
+        // int32 columns subtract without overflow.
+        const int64_t pq = columns[q0 + i], R = p.rel.radius;
+        const int32_t* pk = columns + k0;
+        for (int64_t j = 0; j < keys; ++j) s[j] += rel_table[std::clamp<int64_t>(pk[j] - pq, -R, R) + R];
       }
       if (bias) {
         const float* br = bias + b * p.bias.b + h * p.bias.n + (q0 + i) * p.bias.q + k0 * p.bias.k;
@@ -269,6 +286,27 @@ struct WorkList {
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1)}; }
 
+// attention's relative-position bias: a float32 [N, 2R + 1] table on q's device and int32 [T]
+// columns there (as fastbert.reference.check_rel_bias, with the same exception types).
+void check_rel_bias_args(const at::Tensor& q, const at::Tensor& rel_bias,
+                         const std::optional<at::Tensor>& positions) {
+  const int64_t T = q.size(0), N = q.size(1);
+  TORCH_CHECK_TYPE(rel_bias.scalar_type() == at::kFloat, "fastbert: rel_bias must be a float32 tensor, got ",
+                   rel_bias.scalar_type());
+  TORCH_CHECK_VALUE(rel_bias.dim() == 2 && rel_bias.size(0) == N && rel_bias.size(1) % 2 == 1,
+                    "fastbert: rel_bias must be [heads, 2R + 1] = [", N, ", odd], got ", rel_bias.sizes());
+  TORCH_CHECK_VALUE(rel_bias.device() == q.device(), "fastbert: rel_bias is on ", rel_bias.device(),
+                    " but q is on ", q.device());
+  TORCH_CHECK_VALUE(positions.has_value(), "fastbert: positions (int32 [T], each token's column in its padded ",
+                    "sequence) is required with rel_bias");
+  TORCH_CHECK_TYPE(positions->scalar_type() == at::kInt, "fastbert: positions must be an int32 tensor, got ",
+                   positions->scalar_type());
+  TORCH_CHECK_VALUE(positions->dim() == 1 && positions->size(0) == T, "fastbert: positions must be [T] = [", T,
+                    "], got ", positions->sizes());
+  TORCH_CHECK_VALUE(positions->device() == q.device(), "fastbert: positions is on ", positions->device(),
+                    " but q is on ", q.device());
+}
+
 // Unit stride over the head dim is all the kernel needs; anything else is copied.
 at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -276,7 +314,9 @@ at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t 
 
 at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                      const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, bool causal,
-                     const std::optional<at::Tensor>& bias_in) {
+                     const std::optional<at::Tensor>& bias_in,
+                     const std::optional<at::Tensor>& rel_bias_in,
+                     const std::optional<at::Tensor>& positions_in) {
   TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3,
               "fastbert: attention needs q, k, v of shape [tokens, heads, head_dim], got ",
               q_in.sizes(), ", ", k_in.sizes(), ", ", v_in.sizes());
@@ -301,6 +341,14 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   }
   TORCH_CHECK(longest <= std::max<int64_t>(max_seqlen, 0), "fastbert: a sequence has ", longest,
               " tokens but max_seqlen is ", max_seqlen);
+  RelBiasView rel_view;
+  at::Tensor rel_bias, positions;
+  if (rel_bias_in) {
+    check_rel_bias_args(q, *rel_bias_in, positions_in);
+    rel_bias = rel_bias_in->contiguous();
+    positions = positions_in->contiguous();
+    rel_view = {rel_bias.const_data_ptr<float>(), positions.const_data_ptr<int32_t>(), (rel_bias.size(1) - 1) / 2};
+  }
   auto out = at::empty({total, N, D}, q.options());
   if (total == 0 || N == 0 || D == 0) return out;
   // Rows past cu[B] are the dummy rows of a static packing: no sequence reads or owns them.
@@ -325,7 +373,7 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
     using T = decltype(tag);
     const Problem<T> p{q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
                        strides_of(q), strides_of(k), strides_of(v), out.mutable_data_ptr<T>(),
-                       cu, N, D, static_cast<float>(scale), causal, bias_view};
+                       cu, N, D, static_cast<float>(scale), causal, bias_view, rel_view};
     const WorkList work(cu, B, N, D, causal);
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), work.blocks.size());
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {

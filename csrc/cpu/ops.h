@@ -13,7 +13,8 @@ namespace fastbert::cpu {
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, bool causal,
-                     const std::optional<at::Tensor>& bias);
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& rel_bias,
+                     const std::optional<at::Tensor>& positions);
 
 void bias_gelu_(const at::Tensor& y, const at::Tensor& bias, std::string_view approximate);
 
