@@ -138,11 +138,17 @@ def _attention_bias(mask: torch.Tensor, batch: int, heads: int, seqlen: int, dty
 
 
 def _layer(k: backends.Kernels, w: views.LayerView, h, packing: Packing, bias, causal: bool, heads: int, gelu: str,
-           tracing: bool):
+           tracing: bool, relative=None):
     T, H = h.shape
     w_qkv, b_qkv = w.qkv.traced() if tracing else w.qkv.get()
     q, key, v = k.linear(h, w_qkv, b_qkv).view(T, 3, heads, H // heads).unbind(1)
-    ctx = k.attention(q, key, v, packing.cu_seqlens, packing.max_seqlen, (H // heads) ** -0.5, causal, bias)
+    scale = (H // heads) ** -0.5
+    if relative is None:
+        ctx = k.attention(q, key, v, packing.cu_seqlens, packing.max_seqlen, scale, causal, bias)
+    else:  # by keyword: a backend without them raises instead of binding them to something else
+        table, columns = relative
+        ctx = k.attention(q, key, v, packing.cu_seqlens, packing.max_seqlen, scale, causal, bias, rel_bias=table,
+                          positions=columns)
     a = k.linear(ctx.view(T, H), w.out_weight)
     h = k.add_layernorm(a, h, w.out_bias, w.ln1_weight, w.ln1_bias, w.ln1_eps)
     i = k.linear_gelu(h, w.up_weight, w.up_bias, gelu)
@@ -351,9 +357,13 @@ def encode(
     )
     if view.projection_weight is not None:
         h = k.linear(h, view.projection_weight, view.projection_bias)
+    relative = None
+    if view.relative_bias is not None:  # the table over key - query distance, and each row's original column
+        table = view.relative_bias.traced() if tracing else view.relative_bias.get()
+        relative = table, (packing.indices % max(batch.seqlen, 1)).to(torch.int32)
     states = [h] if output_hidden_states else None
     for layer in view.layers:
-        h = _layer(k, layer, h, packing, batch.bias, batch.causal, view.heads, view.gelu, tracing)
+        h = _layer(k, layer, h, packing, batch.bias, batch.causal, view.heads, view.gelu, tracing, relative)
         if states is not None:
             states.append(h)
     hidden_states = tuple(packing.pad(s, k) for s in states) if states is not None else None

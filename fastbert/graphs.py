@@ -104,9 +104,10 @@ class GraphedEncoder:
         if tokens == 0:
             return encoder.encode(*args, backend=backend, output_hidden_states=output_hidden_states)
         view = views.encoder_view(bert)
-        # A new view (a parameter was registered) or a rebuilt fused weight (.to(), an update of
-        # Q/K/V) means the graphs read stale addresses.
-        weights = (view, *(layer.qkv.get()[0] for layer in view.layers))
+        # A new view (a parameter was registered) or a rebuilt derived weight (.to(), an update of
+        # Q/K/V or of a relative-bias table) means the graphs read stale addresses.
+        weights = (view, *(layer.qkv.get()[0] for layer in view.layers),
+                   *((view.relative_bias.get(),) if view.relative_bias is not None else ()))
         if self._weights is None or len(weights) != len(self._weights) or any(
                 a is not b for a, b in zip(weights, self._weights)):
             self.graphs.clear()

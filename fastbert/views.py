@@ -221,24 +221,53 @@ def read_distilbert(model: nn.Module) -> EncoderView:
                        c.num_attention_heads, _gelu(c.activation, "activation"), False, None, None)
 
 
+# The relative distances MPNet's table covers: its buckets saturate well inside +-128 (from +-91).
+MPNET_RADIUS = 128
+
+
+def _mpnet_table(encoder: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """MPNet's bucket table as ``[heads, 2R + 1]`` fp32 over key - query distances -R..R.
+
+    The buckets come from HF's own ``relative_position_bucket`` (as ``compute_position_bias``
+    calls it), so every boundary is HF's.
+    """
+    distances = torch.arange(-MPNET_RADIUS, MPNET_RADIUS + 1, device=weight.device)
+    return weight[encoder.relative_position_bucket(distances)].t().float().contiguous()
+
+
+def _mpnet_layer(layer: nn.Module) -> LayerView:
+    a = layer.attention
+    return _layer(a.attn.q, a.attn.k, a.attn.v, a.attn.o, a.LayerNorm, layer.intermediate.dense, layer.output.dense,
+                  layer.output.LayerNorm)
+
+
+def read_mpnet(model: nn.Module) -> EncoderView:
+    """MPNet: positions counted from the pad id, no token types, one relative-bias table for all layers."""
+    c, enc = model.config, model.encoder
+    layers = tuple(map(_mpnet_layer, enc.layer))
+    table = RelativeBias(enc.relative_attention_bias.weight, lambda weight: _mpnet_table(enc, weight))
+    return EncoderView(*_embeddings(model.embeddings, token_types=False), None, None, layers,
+                       c.num_attention_heads, _gelu(c.hidden_act), False, model.embeddings.padding_idx, table)
+
+
 class Family(NamedTuple):
     """One model family: how to find its backbone and read it, and what its HF forward returns."""
 
     name: str
     backbones: tuple[str, ...]  # the transformers classes of its backbone
-    attribute: str  # the backbone's attribute in the family's heads (``model.roberta``)
     read: Callable[[nn.Module], EncoderView]
     pooling: str  # "module": ``model.pooler(hidden)``; "linear": ``pooler_activation(pooler(hidden[:, 0]))``; "none"
     output: str  # the transformers.modeling_outputs class of the backbone's forward
 
 
 FAMILIES = (
-    Family("BERT", ("BertModel",), "bert", read_bert, "module", "BaseModelOutputWithPoolingAndCrossAttentions"),
-    Family("RoBERTa", ("RobertaModel", "XLMRobertaModel", "CamembertModel", "Data2VecTextModel"), "roberta",
-           read_roberta, "module", "BaseModelOutputWithPoolingAndCrossAttentions"),
-    Family("ELECTRA", ("ElectraModel",), "electra", read_electra, "none", "BaseModelOutputWithPastAndCrossAttentions"),
-    Family("ALBERT", ("AlbertModel",), "albert", read_albert, "linear", "BaseModelOutputWithPooling"),
-    Family("DistilBERT", ("DistilBertModel",), "distilbert", read_distilbert, "none", "BaseModelOutput"),
+    Family("BERT", ("BertModel",), read_bert, "module", "BaseModelOutputWithPoolingAndCrossAttentions"),
+    Family("RoBERTa", ("RobertaModel", "XLMRobertaModel", "CamembertModel", "Data2VecTextModel"), read_roberta,
+           "module", "BaseModelOutputWithPoolingAndCrossAttentions"),
+    Family("ELECTRA", ("ElectraModel",), read_electra, "none", "BaseModelOutputWithPastAndCrossAttentions"),
+    Family("ALBERT", ("AlbertModel",), read_albert, "linear", "BaseModelOutputWithPooling"),
+    Family("DistilBERT", ("DistilBertModel",), read_distilbert, "none", "BaseModelOutput"),
+    Family("MPNet", ("MPNetModel",), read_mpnet, "module", "BaseModelOutputWithPooling"),
 )
 _BY_CLASS_NAME = {name: family for family in FAMILIES for name in family.backbones}
 _family_of_type: dict[type, Family | None] = {}

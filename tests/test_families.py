@@ -1,7 +1,7 @@
 """Model level, every family: ``fastbert.optimize`` against the untouched Hugging Face model.
 
-RoBERTa, XLM-R, CamemBERT, Data2VecText, ELECTRA, ALBERT, DistilBERT (BERT itself is in
-test_hf_models.py) with every head class, on tiny random configs, fp32 on CPU: max abs error on
+RoBERTa, XLM-R, CamemBERT, Data2VecText, ELECTRA, ALBERT, DistilBERT MPNet (BERT itself is
+in test_hf_models.py) with every head class, on tiny random configs, fp32 on CPU: max abs error on
 valid tokens <= 1e-4, no fallback to the HF forward. Pad slots hold the pad id; batches mix
 right and left padding, a masked hole inside a sequence (a token that is not the pad id: it
 still advances RoBERTa's positions) and a pad id inside real text (it gets the padding row).
@@ -35,7 +35,9 @@ HEADS = {
     "Electra": (*ROBERTA_HEADS, "ForPreTraining"),
     "Albert": tuple(h for h in ROBERTA_HEADS if h != "ForCausalLM") + ("ForPreTraining",),
     "DistilBert": tuple(h for h in ROBERTA_HEADS if h != "ForCausalLM"),
+    "MPNet": tuple(h for h in ROBERTA_HEADS if h != "ForCausalLM"),
 }
+NO_TOKEN_TYPES = ("DistilBert", "MPNet")
 
 
 def hf_config(family: str, decoder: bool = False, **overrides):
@@ -128,15 +130,15 @@ def test_backbone_tuple_output_positional_call_and_token_types(family):
     ref_model, fast_model = model_pair(family, "Model", config)
     ids, mask = awkward_batch()
     valid = mask.bool()
-    # Positional, as each family's forward orders its parameters (DistilBERT: no token types).
-    args = (ids, mask) if family == "DistilBert" else (ids, mask, torch.zeros_like(ids))
+    # Positional, as each family's forward orders its parameters (DistilBERT, MPNet: no token types).
+    args = (ids, mask) if family in NO_TOKEN_TYPES else (ids, mask, torch.zeros_like(ids))
     with torch.no_grad():
         ref = ref_model(*args, return_dict=False)
     out = run_fused(fast_model, *args, return_dict=False)
     assert isinstance(out, tuple) and len(out) == len(ref)
     for r, o in zip(ref, out):
         assert ((r - o)[valid] if r.dim() == 3 else (r - o)[valid[:, 0]]).abs().max() <= ATOL  # pooler: first token
-    if family == "DistilBert":  # sentence-transformers passes token types: ignored, as by HF
+    if family in NO_TOKEN_TYPES:  # sentence-transformers passes token types: ignored, as by HF
         with torch.no_grad():
             ref = ref_model(ids, mask).last_hidden_state
         out = run_fused(fast_model, ids, mask, token_type_ids=torch.ones_like(ids)).last_hidden_state
@@ -193,6 +195,46 @@ def test_position_table_bound(family):
     run_fused(fast_model, torch.randint(PAD + 1, VOCAB, (1, limit)))
     with pytest.raises(ValueError, match=f"truncate the input to at most {limit} tokens"):
         fast_model(torch.randint(PAD + 1, VOCAB, (1, limit + 1)))
+
+
+def test_mpnet_beyond_the_saturated_buckets():
+    """S > 91: distances past the last bucket boundary, where MPNet's buckets saturate."""
+    ref_model = transformers.MPNetModel(hf_config("MPNet", max_position_embeddings=128)).eval()
+    with torch.no_grad():  # biases large enough that each bucket shows (the init's 0.02 hardly does)
+        ref_model.encoder.relative_attention_bias.weight.normal_(0, 3)
+    fast_model = fastbert.optimize(copy.deepcopy(ref_model))
+    ids = torch.randint(PAD + 1, VOCAB, (3, 120))
+    mask = torch.ones_like(ids)
+    mask[1, 100:] = 0
+    mask[2, :17] = 0
+    mask[0, 50] = 0  # a hole: distances stay between original columns
+    ids[mask == 0] = PAD
+    ids[0, 50] = 5
+    with torch.no_grad():
+        ref = ref_model(ids, mask, output_hidden_states=True)
+    assert max_error(ref, run_fused(fast_model, ids, mask, output_hidden_states=True), mask.bool()) <= ATOL
+
+
+def test_mpnet_bias_table_follows_weight_updates():
+    ref_model, fast_model = model_pair("MPNet", "Model", hf_config("MPNet"))
+    ids, mask = awkward_batch()
+    run_fused(fast_model, ids, mask)
+    with torch.no_grad():
+        for m in (ref_model, fast_model):
+            m.encoder.relative_attention_bias.weight.mul_(-3)
+        ref = ref_model(ids, mask)
+    assert max_error(ref, run_fused(fast_model, ids, mask), mask.bool()) <= ATOL
+
+
+@pytest.mark.parametrize("family", ["XLMRoberta", "MPNet"])
+def test_bucketed_static_path(family):
+    """The CUDA-graph buckets' static path (run uncaptured on CPU): positions from the bucket's ids, the bias table."""
+    ref_model = getattr(transformers, f"{family}Model")(hf_config(family)).eval()
+    fast_model = fastbert.optimize(copy.deepcopy(ref_model), cuda_graphs=True)
+    ids, mask = awkward_batch(seqlen=11)
+    with torch.no_grad():
+        ref = ref_model(ids, mask, output_hidden_states=True)
+    assert max_error(ref, run_fused(fast_model, ids, mask, output_hidden_states=True), mask.bool()) <= ATOL
 
 
 def test_relu_distilbert_is_refused():
