@@ -1,13 +1,13 @@
 """``fastbert.optimize``: run Hugging Face encoders of the BERT family on fastbert's padding-free encoder.
 
 ``optimize(model)`` finds every backbone of a family in :data:`fastbert.views.FAMILIES` inside
-``model`` (BERT, RoBERTa, XLM-R, CamemBERT, Data2VecText, ELECTRA, ALBERT, DistilBERT; the model
-itself, the backbone of any of their heads, the backbone of a sentence-transformers
+``model`` (BERT, RoBERTa, XLM-R, CamemBERT, Data2VecText, ELECTRA, ALBERT, DistilBERT, MPNet; the
+model itself, the backbone of any of their heads, the backbone of a sentence-transformers
 ``SentenceTransformer`` or ``CrossEncoder``) and gives that instance a new ``forward``. It binds
 its arguments by the family's own forward signature (positional calls too) and returns the
 family's own output class. The heads, the pooler and all weights stay the HF modules' own;
-nothing is copied except a fused Q/K/V weight per layer, rebuilt whenever the weights change.
-``unoptimize(model)`` undoes it.
+nothing is copied except a fused Q/K/V weight per layer and MPNet's relative-bias table, rebuilt
+whenever the weights change. ``unoptimize(model)`` undoes it.
 
 Calls the fused path cannot honour run the original HF forward instead, with one warning per
 reason: ``output_attentions=True``, ``output_hidden_states`` selecting layers by index, a

@@ -237,6 +237,18 @@ def test_bucketed_static_path(family):
     assert max_error(ref, run_fused(fast_model, ids, mask, output_hidden_states=True), mask.bool()) <= ATOL
 
 
+def test_hidden_states_selected_by_index_fall_back():
+    ref_model, fast_model = model_pair("Albert", "Model", hf_config("Albert"))
+    ids, mask = awkward_batch()
+    hf._warned.clear()
+    with torch.no_grad(), pytest.warns(UserWarning, match="output_hidden_states selecting layers"):
+        out = fast_model(ids, mask, output_hidden_states=[0, -1])
+    with torch.no_grad():
+        ref = ref_model(ids, mask, output_hidden_states=[0, -1])
+    assert [s is None for s in out.hidden_states] == [s is None for s in ref.hidden_states]
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)
+
+
 def test_relu_distilbert_is_refused():
     model = transformers.DistilBertModel(hf_config("DistilBert", activation="relu"))
     with pytest.raises(fastbert.UnsupportedConfigError, match="activation='relu'"):
