@@ -36,14 +36,16 @@ TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 def _attention_cases() -> list[dict]:
     strides = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh",
-               "stride_bb", "stride_bh", "stride_bm"]
+               "stride_bb", "stride_bh", "stride_bm", "stride_rh"]
     cases = []
-    for head_dim, dtype, arch, masked, cfg in attention_configs():
+    for head_dim, dtype, arch, masked, rel, cfg in attention_configs():
         # Causal with a bias is the masked variant with the most live values, compiled for fp16 at
         # every head dim; the plain one (the hot path) at one head dim per fp16 tile shape. bf16
         # and fp32 differ from fp16 only in conversions and dot precision: one head dim per tile
-        # shape, 80 standing for the padded ones. Each is compiled for the architecture it is
-        # shipped for. (A compile takes seconds; the suite is budgeted.)
+        # shape, 80 standing for the padded ones. The relative-bias configurations (MPNet's packed
+        # path) are compiled on top of causal with a bias, their worst case, as the masked ones.
+        # Each is compiled for the architecture it is shipped for. (A compile takes seconds; the
+        # suite is budgeted.)
         per_tile = {torch.float16: (32, 64, 80, 128, 256), torch.bfloat16: (32, 64, 80, 256),
                     torch.float32: (32, 64, 80, 256)}[dtype]
         if dtype != torch.float16 and head_dim not in per_tile:
@@ -53,16 +55,16 @@ def _attention_cases() -> list[dict]:
                 continue
             t = TYPE[dtype]
             signature = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "out_ptr": f"*{t}",
-                         "bias_ptr": f"*{t}", "cu_seqlens_ptr": "*i32", **{s: "i32" for s in strides},
-                         "qk_scale": "fp32"}
+                         "bias_ptr": f"*{t}", "rel_ptr": "*fp32", "pos_ptr": "*i32", "cu_seqlens_ptr": "*i32",
+                         **{s: "i32" for s in strides}, "rel_radius": "i32", "qk_scale": "fp32"}
             cases.append({
                 "kernel": "attention", "module": "fastbert.kernels.attention", "fn": "_attention_fwd",
-                "label": f"{t} hd{head_dim} {'causal+bias' if causal else 'plain'} "
+                "label": f"{t} hd{head_dim} {'causal+bias+rel' if rel else 'causal+bias' if causal else 'plain'} "
                          f"M{cfg.block_m} N{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
                 "signature": signature,
                 "constexprs": {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_M": cfg.block_m,
-                               "BLOCK_N": cfg.block_n, "CAUSAL": causal, "HAS_BIAS": bias, "stride_bn": 1},
-                "aligned": [n for n in signature if n != "qk_scale"],
+                               "BLOCK_N": cfg.block_n, "CAUSAL": causal, "HAS_BIAS": bias, "REL_BIAS": rel, "stride_bn": 1},
+                "aligned": [n for n in signature if n not in ("qk_scale", "rel_radius")],
                 "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "matrix": dtype != torch.float32,
                 "archs": (arch,),
             })

@@ -20,6 +20,7 @@ import torch
 from fastbert import reference
 from fastbert.kernels import add_layernorm, attention, embed_layernorm, linear_gelu
 from fastbert.kernels.attention import Config as AttentionConfig
+from relative_bias import bad_arguments, columns_with_holes, table
 from tolerance import assert_within_rule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -48,15 +49,17 @@ def _packed_qkv(lengths, heads, head_dim, dtype, device):
     return q, k, v, cu_seqlens
 
 
-def _check_attention(q, k, v, cu_seqlens, max_seqlen, causal, bias=None, launch=None):
+def _check_attention(q, k, v, cu_seqlens, max_seqlen, causal, bias=None, launch=None, rel_bias=None,
+                     positions=None, real=None):
+    """Rule check of the kernel on the first ``real`` rows (default: all)."""
     scale = q.shape[-1] ** -0.5
-    out = attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias,
+    out = attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions,
                     out=_poison(q.shape, q.dtype, q.device), launch=launch)
     as64 = [t.double() for t in (q, k, v)]
     bias64 = bias.double() if bias is not None else None
-    ref64 = reference.attention(*as64, cu_seqlens, max_seqlen, scale, causal, bias64)
-    peer = reference.attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias)
-    assert_within_rule(out, ref64, peer)
+    ref64 = reference.attention(*as64, cu_seqlens, max_seqlen, scale, causal, bias64, rel_bias, positions)
+    peer = reference.attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions)
+    assert_within_rule(out[:real], ref64[:real], peer[:real])
     return out
 
 
@@ -118,6 +121,53 @@ def test_attention_fully_masked_rows(device):
     out = _check_attention(q, k, v, cu, seqlen, causal=False, bias=bias)
     assert (out[3] == 0).all()
     assert (out[seqlen + 5].abs() > 0).any()
+
+
+@pytest.mark.parametrize("width", [1, 9, 257])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", [[1, 0, 7], [127, 1], [129, 7]], ids=["1-0-7", "127-1", "129-7"])
+def test_attention_rel_bias(device, dtype, lengths, causal, width):
+    """The relative-position table, gathered by columns with holes, on the packed path."""
+    _runnable(device, dtype)
+    q, k, v, cu = _packed_qkv(lengths, 2, 32, dtype, device)
+    rel, cols = table(2, width, device), columns_with_holes(lengths, holes=6, device=device)
+    _check_attention(q, k, v, cu, max(lengths), causal, rel_bias=rel, positions=cols)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_rel_bias_with_padded_bias_and_dummy_rows(device, dtype, causal):
+    """With the padded path's bias, a strided table, and dummy rows past the last sequence
+    whose columns are garbage (a static packing's): the real rows stay exact."""
+    _runnable(device, dtype)
+    batch, heads, seqlen, dummies = 2, 3, 23, 5
+    q, k, v, cu = _packed_qkv([seqlen] * batch + [dummies], heads, 32, dtype, device)
+    cu = cu[:-1]
+    bias = torch.randn(batch, heads, seqlen, seqlen, device=device).to(dtype)
+    bias[1, :, 4, 3:] = float("-inf")
+    rel = table(heads, 2 * 17 + 1, device).t().contiguous().t()  # head stride 1
+    cols = torch.cat([columns_with_holes([seqlen] * batch, device=device),
+                      torch.tensor([2**31 - 1, 0, 7, 2**30, 3], dtype=torch.int32, device=device)])
+    _check_attention(q, k, v, cu, seqlen, causal, bias=bias, rel_bias=rel, positions=cols, real=batch * seqlen)
+
+
+@pytest.mark.parametrize("launch", [AttentionConfig(32, 16, 4, 1), AttentionConfig(16, 32, 4, 1)],
+                         ids=["M32-N16", "M16-N32"])
+def test_attention_rel_bias_block_shapes(device, launch):
+    _runnable(device, torch.float32)
+    lengths = [70, 1, 31, 32, 33]
+    q, k, v, cu = _packed_qkv(lengths, 2, 32, torch.float32, device)
+    rel, cols = table(2, 21, device), columns_with_holes(lengths, device=device)
+    _check_attention(q, k, v, cu, max(lengths), True, launch=launch, rel_bias=rel, positions=cols)
+
+
+def test_attention_rel_bias_rejects_bad_arguments(device):
+    _runnable(device, torch.float32)
+    q, k, v, cu = _packed_qkv([5, 3], 2, 16, torch.float32, device)
+    for kwargs, error, match in bad_arguments(q):
+        with pytest.raises(error, match=match):
+            attention(q, k, v, cu, 5, 0.25, False, None, **kwargs)
 
 
 @needs_cuda

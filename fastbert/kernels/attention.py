@@ -18,6 +18,10 @@ normaliser of an online softmax, so the ``S x S`` score matrix never exists in m
   Finite biases are clamped to ``-FLT_MAX / log2(e)`` before the base-2 rescale, so a mask
   built from ``finfo(float32).min`` (as Hugging Face builds them) stays finite and gives the
   same result as the natural-base softmax of the reference instead of a masked row.
+* A relative-position bias (``REL_BIAS``) adds ``rel_bias[h, clamp(pk - pq, -R, R) + R]``, a
+  per-head table ``[N, 2R + 1]`` gathered by the key and query columns ``positions`` (int32
+  ``[T]``). The columns of the query block are loaded once, those of each key block with it;
+  the clamped index always lies in the table, so the gather needs no mask.
 * Each sequence's base offset is computed in int64, so packed tensors beyond 2**31 elements
   index correctly; offsets within one sequence (length x token stride) must fit in int32.
 """
@@ -32,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert import _compat
+from fastbert import _compat, reference
 from fastbert.kernels.launch import on_device_of
 
 LOG2E = math.log2(math.e)
@@ -48,10 +52,10 @@ _MIN_BIAS = tl.constexpr(-torch.finfo(torch.float32).max / LOG2E)
 
 @triton.jit
 def _attend_block(
-    acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, row_ok, seq_len,
-    stride_kt, stride_vt, stride_bm, stride_bn, qk_scale,
+    acc, l_i, m_i, q, k_base, v_base, bias_base, rel_base, pos_base, q_pos, start_n, rows, row_ok, seq_len,
+    stride_kt, stride_vt, stride_bm, stride_bn, rel_radius, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, REL_BIAS: tl.constexpr,
 ):
     """Fold one block of keys into the running softmax state (acc, l_i, m_i) of a query block.
 
@@ -74,6 +78,14 @@ def _attend_block(
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     s = tl.dot(q, k, input_precision="ieee") * qk_scale
+    if REL_BIAS:
+        if MASKED:
+            k_pos = tl.load(pos_base + keys, mask=key_ok, other=0)
+        else:
+            k_pos = tl.load(pos_base + keys)
+        # Columns are non-negative int32, so their difference cannot overflow.
+        distance = tl.minimum(tl.maximum(k_pos[None, :] - q_pos[:, None], -rel_radius), rel_radius)
+        s += tl.load(rel_base + distance + rel_radius) * _LOG2E
     if HAS_BIAS:
         b = tl.load(bias_base + rows[:, None] * stride_bm + keys[None, :] * stride_bn,
                     mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)
@@ -97,12 +109,21 @@ def _attend_block(
 
 @triton.jit
 def _attention_fwd(
-    q_ptr, k_ptr, v_ptr, out_ptr, bias_ptr, cu_seqlens_ptr,
+    q_ptr,  # [T, N, D] queries, unit stride over D
+    k_ptr,  # [T, N, D] keys
+    v_ptr,  # [T, N, D] values
+    out_ptr,  # [T, N, D] output
+    bias_ptr,  # [B, N, S, S] additive bias by strides (HAS_BIAS)
+    rel_ptr,  # [N, 2R + 1] fp32 relative-bias table, unit stride over the distance (REL_BIAS)
+    pos_ptr,  # [T] int32 column of each token in its padded sequence (REL_BIAS)
+    cu_seqlens_ptr,  # [B + 1] int32 sequence starts
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    qk_scale,
+    stride_rh,  # rel_ptr: between heads
+    rel_radius,  # R: distances are clamped to [-R, R]
+    qk_scale,  # scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, REL_BIAS: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1).to(tl.int64)
@@ -118,9 +139,12 @@ def _attention_fwd(
     k_base = k_ptr + seq_start * stride_kt + head * stride_kh
     v_base = v_ptr + seq_start * stride_vt + head * stride_vh
     bias_base = bias_ptr + seq.to(tl.int64) * stride_bb + head * stride_bh
+    rel_base = rel_ptr + head * stride_rh
+    pos_base = pos_ptr + seq_start
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < seq_len
+    q_pos = tl.load(pos_base + rows, mask=row_ok, other=0) if REL_BIAS else rows
     io_mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
     q = tl.load(q_base + rows[:, None] * stride_qt + dims[None, :], mask=io_mask, other=0.0)
 
@@ -139,14 +163,14 @@ def _attention_fwd(
         end_n = seq_len
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, row_ok, seq_len,
-            stride_kt, stride_vt, stride_bm, stride_bn, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_BIAS)
+            acc, l_i, m_i, q, k_base, v_base, bias_base, rel_base, pos_base, q_pos, start_n, rows, row_ok, seq_len,
+            stride_kt, stride_vt, stride_bm, stride_bn, rel_radius, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_BIAS, REL_BIAS)
     for start_n in range(full_end, end_n, BLOCK_N):
         acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, bias_base, start_n, rows, row_ok, seq_len,
-            stride_kt, stride_vt, stride_bm, stride_bn, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_BIAS)
+            acc, l_i, m_i, q, k_base, v_base, bias_base, rel_base, pos_base, q_pos, start_n, rows, row_ok, seq_len,
+            stride_kt, stride_vt, stride_bm, stride_bn, rel_radius, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_BIAS, REL_BIAS)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_base = out_ptr + seq_start * stride_ot + head * stride_oh
@@ -166,9 +190,10 @@ def block_d(head_dim: int) -> int:
 
 
 def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False, arch: int = 80,
-           masked: bool = True) -> Config:
+           masked: bool = True, rel_bias: bool = False) -> Config:
     """The launch configuration (a heuristic; no autotuning) for a head dim and dtype on GPU
-    architecture ``arch`` (80: Ampere, 90: Hopper), ``masked`` when causal or with a bias.
+    architecture ``arch`` (80: Ampere, 90: Hopper), ``masked`` when causal, with a bias or with
+    a relative bias (the variants with more live values), ``rel_bias`` with the latter.
 
     Under the interpreter the blocks are small so that short test sequences still span several
     key blocks and exercise the online softmax, partial blocks and the causal diagonal.
@@ -179,7 +204,11 @@ def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False, arch: 
     # every shipped configuration on its architecture).
     width = block_d(head_dim)
     if dtype == torch.float32:
-        # fp32 runs its dots as exact fp32 FMAs (no tensor cores): small tiles.
+        # fp32 runs its dots as exact fp32 FMAs (no tensor cores): small tiles. With the
+        # relative-bias gather live too, sm_80 spilled (8-32 bytes) at 32x32 tiles for head dims
+        # 33-64 and at 4 warps for 65-128.
+        if rel_bias and arch < 90 and 32 < width <= 128:
+            return Config(16, 16, 4 if width <= 64 else 8, 2)
         return Config(32, 32, 4 if width <= 32 else 8, 2) if width <= 64 else Config(16, 16, 4, 2)
     if arch >= 90:
         # wgmma keeps its accumulators in fewer registers than mma: wider key blocks fit, but
@@ -201,10 +230,11 @@ def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False, arch: 
 ARCHS = (80, 90)
 
 
-def shipped_configs() -> list[tuple[int, torch.dtype, int, bool, Config]]:
-    """(head_dim, dtype, arch, masked, config) for every case the launcher serves on a GPU."""
-    return [(d, dt, arch, masked, config(d, dt, arch=arch, masked=masked)) for d in HEAD_DIMS
-            for dt in (torch.float16, torch.bfloat16, torch.float32) for arch in ARCHS for masked in (False, True)]
+def shipped_configs() -> list[tuple[int, torch.dtype, int, bool, bool, Config]]:
+    """(head_dim, dtype, arch, masked, rel_bias, config) for every case the launcher serves on a GPU."""
+    return [(d, dt, arch, masked, rel, config(d, dt, arch=arch, masked=masked, rel_bias=rel)) for d in HEAD_DIMS
+            for dt in (torch.float16, torch.bfloat16, torch.float32) for arch in ARCHS
+            for masked, rel in ((False, False), (True, False), (True, True))]
 
 
 @functools.cache
@@ -222,10 +252,12 @@ def attention(
     scale: float,
     causal: bool,
     bias: torch.Tensor | None,
+    rel_bias: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     launch: Config | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ · scale + bias, causal) v; see :func:`fastbert.reference.attention`.
+    """softmax(q kᵀ · scale + rel + bias, causal) v; see :func:`fastbert.reference.attention`.
 
     ``out`` (optional, ``[T, N, D]`` with a contiguous head dim) receives the result; ``launch``
     overrides the configuration :func:`config` picks.
@@ -238,6 +270,7 @@ def attention(
         raise ValueError(f"head dim {head_dim} is above the largest supported, {max(HEAD_DIMS)}")
     if max(heads, batch) > MAX_GRID_YZ:
         raise ValueError(f"{heads} heads x {batch} sequences: at most {MAX_GRID_YZ} of each per call")
+    reference.check_rel_bias(q, rel_bias, positions)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if out is None:
         out = torch.empty(T, heads, head_dim, dtype=q.dtype, device=q.device)
@@ -246,21 +279,26 @@ def attention(
     if T == 0 or batch == 0 or max_seqlen == 0:
         return out.zero_()
     cfg = launch or config(head_dim, q.dtype, _compat.interpreting(), _arch(q.device) if q.is_cuda else 80,
-                           masked=causal or bias is not None)
+                           masked=causal or bias is not None or rel_bias is not None, rel_bias=rel_bias is not None)
     if bias is not None:
         bias = bias.expand(batch, heads, max_seqlen, max_seqlen)
         bias_args = (bias, *bias.stride())
     else:
         bias_args = (q, 0, 0, 0, 0)
+    if rel_bias is not None:
+        rel_bias, positions = rel_bias if rel_bias.stride(1) == 1 else rel_bias.contiguous(), positions.contiguous()
+        rel_args = (rel_bias, positions, rel_bias.stride(0), (rel_bias.shape[1] - 1) // 2)
+    else:
+        rel_args = (q, cu_seqlens, 0, 0)
     grid = (triton.cdiv(max_seqlen, cfg.block_m), heads, batch)
     with on_device_of(q):
         _attention_fwd[grid](
-            q, k, v, out, bias_args[0], cu_seqlens,
+            q, k, v, out, bias_args[0], rel_args[0], rel_args[1], cu_seqlens,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            *bias_args[1:],
+            *bias_args[1:], *rel_args[2:],
             scale * LOG2E,
             HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, HAS_BIAS=bias is not None,
+            CAUSAL=causal, HAS_BIAS=bias is not None, REL_BIAS=rel_bias is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out
