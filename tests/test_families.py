@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fastbert
+import fastbert.backends
 from fastbert import hf
 
 transformers = pytest.importorskip("transformers")
@@ -272,12 +273,15 @@ def test_view_follows_resize_token_embeddings():
     assert max_error(ref, run_fused(fast_model, ids, mask), mask.bool()) <= ATOL
 
 
-def test_triton_backend_with_projection():
+@pytest.mark.parametrize("family", ["Albert", "MPNet"], ids=["projection", "relative-bias"])
+def test_triton_backend(family):
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = hf_config("Albert", num_hidden_layers=2, num_hidden_groups=1, inner_group_num=2)
-    ref_model = transformers.AlbertModel(config).eval().to(device)
+    plan = fastbert.backends.plan(torch.device(device), "triton")
+    assert all(plan[op] == "triton" for op in ("attention", "linear_gelu", "add_layernorm", "embed_layernorm")), plan
+    settings = dict(num_hidden_layers=2, num_hidden_groups=1, inner_group_num=2) if family == "Albert" else {}
+    ref_model = getattr(transformers, f"{family}Model")(hf_config(family, **settings)).eval().to(device)
     fast_model = fastbert.optimize(copy.deepcopy(ref_model), backend="triton")
     ids, mask = (t.to(device) for t in awkward_batch(seqlen=7))
     with torch.no_grad():
