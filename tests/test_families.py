@@ -19,6 +19,7 @@ import torch
 import fastbert
 import fastbert.backends
 from fastbert import hf
+from test_host_path import SYNC_OPS, Readbacks, sync_ops
 
 transformers = pytest.importorskip("transformers")
 
@@ -156,6 +157,18 @@ def test_token_types_and_position_ids(family):
     with torch.no_grad():
         ref = ref_model(**kwargs)
     assert max_error(ref, run_fused(fast_model, **kwargs), mask.bool()) <= ATOL
+
+
+@pytest.mark.parametrize("family", ["XLMRoberta", "MPNet"])
+def test_positions_from_ids_add_no_readback(monkeypatch, family):
+    """Positions counted from the ids and the bias table's columns are computed on the device: still one readback."""
+    _, fast_model = model_pair(family, "Model", hf_config(family))
+    ids, mask = awkward_batch()
+    readbacks = Readbacks(monkeypatch)
+    with torch.no_grad():
+        counts = sync_ops(lambda: fast_model(input_ids=ids, attention_mask=mask))
+    assert readbacks.count == 1
+    assert counts == {**dict.fromkeys(SYNC_OPS, 0), "aten::_assert_async": 0}
 
 
 def test_roberta_left_and_right_padding_give_the_same_outputs():
