@@ -48,7 +48,11 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> "BertConfig":
-        """Build from a ``transformers`` config object (read by attribute, so any version works)."""
+        """Build from a ``transformers`` BERT config object (read by attribute, so any version works).
+
+        Fields the config lacks take BERT's defaults, so this is for BERT configs only; the other
+        families are read from their modules (:mod:`fastbert.views`), never through this class.
+        """
         names = [f.name for f in dataclasses.fields(cls)]
         return cls.from_dict({n: getattr(hf_config, n, None) for n in names})
 
