@@ -13,6 +13,10 @@ inputs (``extra_peak_mb``). CPU runs use small sizes; ``--tiny`` the smallest, s
 the GPU check (``benchmarks/gpu_check.sh --dry-run``) goes through every step in seconds, the
 Triton kernels included under ``TRITON_INTERPRET=1``.
 
+A case may also time variants of the fused call in the same rounds, reported as ``fastbert
+BACKEND [LABEL]``: the attention case with a relative-position table times the same call
+without it, so the ratio of the two medians is the table's cost.
+
 A backend is timed only on the ops it implements on the device (the extension has no CUDA
 attention kernel, for one). A candidate that raises is recorded with its error and left out of
 the timing; the others go on. With ``--out`` the JSON is rewritten after every case (``finished``
@@ -111,9 +115,13 @@ class Case:
     bytes: float
     fused: Callable[[Callable], Callable[[], object]]  # implementation -> zero-argument call
     eager: dict[str, Callable[[], object]] = field(default_factory=dict)
+    # label -> implementation -> call: other calls of the same implementation, timed beside it
+    variants: dict[str, Callable[[Callable], Callable[[], object]]] = field(default_factory=dict)
 
 
-def _attention_case(batch, seqlen, heads, head_dim, causal, dtype, device) -> Case:
+def _attention_case(batch, seqlen, heads, head_dim, causal, dtype, device, rel_width=None) -> Case:
+    """Full rows; with ``rel_width``, a relative-position table [heads, rel_width] (MPNet's
+    shape: W = 257), timed beside the same call without it."""
     T = batch * seqlen
     qkv = torch.randn(T, 3, heads, head_dim, device=device).to(dtype)
     q, k, v = qkv.unbind(1)
@@ -122,13 +130,32 @@ def _attention_case(batch, seqlen, heads, head_dim, causal, dtype, device) -> Ca
     # The eager peer: SDPA on the padded layout (FlashAttention's kernel on a GPU when eligible).
     qp, kp, vp = (x.reshape(batch, seqlen, heads, head_dim).transpose(1, 2) for x in (q, k, v))
     pairs = batch * heads * seqlen * seqlen * (0.5 if causal else 1.0)
-    return Case(
+    shape = f"B{batch} S{seqlen} N{heads} D{head_dim}{' causal' if causal else ''}"
+    plain = Case(
         op="attention",
-        shape=f"B{batch} S{seqlen} N{heads} D{head_dim}{' causal' if causal else ''}",
+        shape=shape,
         flops=4 * pairs * head_dim,
         bytes=4 * T * heads * head_dim * q.element_size(),
         fused=lambda impl: (lambda: impl(q, k, v, cu, seqlen, scale, causal, None)),
         eager={"torch sdpa": lambda: F.scaled_dot_product_attention(qp, kp, vp, is_causal=causal, scale=scale)},
+    )
+    if rel_width is None:
+        return plain
+    table = torch.randn(heads, rel_width, device=device)
+    positions = torch.arange(seqlen, dtype=torch.int32, device=device).repeat(batch)
+    # Eager code (HF MPNet) builds the [N, S, S] bias from the table once and passes it as a mask.
+    radius = rel_width // 2
+    columns = torch.arange(seqlen, device=device)
+    bias = table[:, (columns[None, :] - columns[:, None]).clamp(-radius, radius) + radius].to(dtype)
+    return Case(
+        op="attention",
+        shape=f"{shape} rel W{rel_width}",
+        flops=plain.flops,
+        bytes=plain.bytes + table.numel() * 4 + T * 4,
+        fused=lambda impl: (lambda: impl(q, k, v, cu, seqlen, scale, causal, None, table, positions)),
+        eager={"torch sdpa + bias": lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias[None],
+                                                                           is_causal=causal, scale=scale)},
+        variants={"without rel_bias": plain.fused},
     )
 
 
@@ -183,6 +210,7 @@ def cases(device: str, dtype: torch.dtype, tiny: bool = False) -> list[Case]:
     if tiny:  # one of each op, as small as the kernels allow: for dry runs, not for numbers
         return [
             _attention_case(2, 16, 2, 32, False, dtype, device),
+            _attention_case(2, 16, 2, 32, False, dtype, device, rel_width=9),
             _linear_gelu_case(16, 32, 64, dtype, device),
             _add_layernorm_case(16, 64, dtype, device),
             _embed_layernorm_case(16, 64, 100, dtype, device),
@@ -193,6 +221,7 @@ def cases(device: str, dtype: torch.dtype, tiny: bool = False) -> list[Case]:
             _attention_case(32, 512, 16, 64, False, dtype, device),
             _attention_case(32, 512, 12, 64, True, dtype, device),
             _attention_case(8, 512, 8, 128, False, dtype, device),
+            _attention_case(32, 512, 12, 64, False, dtype, device, rel_width=257),
             _linear_gelu_case(32 * 512, 768, 3072, dtype, device),
             _linear_gelu_case(32 * 512, 1024, 4096, dtype, device),
             _add_layernorm_case(32 * 512, 768, dtype, device),
@@ -202,6 +231,7 @@ def cases(device: str, dtype: torch.dtype, tiny: bool = False) -> list[Case]:
         ]
     return [
         _attention_case(4, 128, 4, 64, False, dtype, device),
+        _attention_case(8, 128, 12, 64, False, dtype, device, rel_width=257),
         _linear_gelu_case(512, 256, 1024, dtype, device),
         _add_layernorm_case(2048, 768, dtype, device),
         _embed_layernorm_case(2048, 384, 1000, dtype, device),
@@ -273,6 +303,8 @@ def run(device: str, dtype: torch.dtype, rounds: int, sweep: bool = False, tiny:
         floor_s = max(case.flops / ceilings["matmul_flop_per_s"], case.bytes / ceilings["copy_bytes_per_s"])
         implementations = available_backends(case.op, device)
         candidates = {f"fastbert {name}": case.fused(impl) for name, impl in implementations.items()}
+        for label, variant in case.variants.items():
+            candidates.update({f"fastbert {name} [{label}]": variant(impl) for name, impl in implementations.items()})
         if sweep and "triton" in implementations:
             candidates.update(_sweep_candidates(case, implementations["triton"]))
         candidates.update(case.eager)

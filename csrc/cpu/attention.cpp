@@ -8,7 +8,7 @@
 // softmax (running max m and sum l per query row), so no [S, S] score matrix is ever stored:
 //
 //   S = (q * scale) Kᵀ
-//   S += rel_bias[h, clamp(pos[key] - pos[query], -R, R) + R]  (if a relative-bias table is given)
+//   S += rel_bias[h, clamp(col[key] - col[query], -R, R) + R]  (if a relative-bias table is given)
 //   S += bias; mask padding keys and, if causal, keys after the query
 //   m' = max(m, rowmax S);  P = exp(S - m');  l = l·exp(m - m') + rowsum P
 //   O = O·exp(m - m') + P V
@@ -163,6 +163,21 @@ inline void softmax_row(float* s, int64_t width, int64_t visible, float& m, floa
   m = m_new;
 }
 
+// s[j] += table[clamp(key_columns[j] - query_column, -R, R) + R] for j < keys, in vectors of
+// int32 distances and a gather from the head's table row (2R + 1 floats: L1-resident). The
+// lanes in [keys, round_up(keys, kVecSize)) get some table value; the softmax masks them.
+// Columns are non-negative int32, so their difference cannot overflow.
+inline void add_rel_bias(float* s, int64_t keys, const float* table, int32_t R, const int32_t* key_columns,
+                         int32_t query_column) {
+  using VecI = at::vec::Vectorized<int32_t>;
+  static_assert(VecI::size() == kVecSize);
+  const VecI vq(query_column), lo(-R), hi(R), vr(R);
+  for_each_vec(keys, [&](int64_t j, int64_t n) {
+    const VecI distance = at::vec::minimum(at::vec::maximum(VecI::loadu(key_columns + j, n) - vq, lo), hi);
+    (Vec::loadu(s + j) + at::vec::gather<sizeof(float)>(table, distance + vr)).store(s + j);
+  });
+}
+
 template <typename T>
 void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64_t q0) {
   const int64_t start = p.cu[b], len = p.cu[b + 1] - p.cu[b];
@@ -197,13 +212,7 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
         w.corr[i] = 1.f;
         continue;
       }
-      if (rel_table) {
-        // One table row of head h (2R + 1 floats: L1-resident); distances in int64, so any
-        // int32 columns subtract without overflow.
-        const int64_t pq = columns[q0 + i], R = p.rel.radius;
-        const int32_t* pk = columns + k0;
-        for (int64_t j = 0; j < keys; ++j) s[j] += rel_table[std::clamp<int64_t>(pk[j] - pq, -R, R) + R];
-      }
+      if (rel_table) add_rel_bias(s, keys, rel_table, static_cast<int32_t>(p.rel.radius), columns + k0, columns[q0 + i]);
       if (bias) {
         const float* br = bias + b * p.bias.b + h * p.bias.n + (q0 + i) * p.bias.q + k0 * p.bias.k;
         for (int64_t j = 0; j < keys; ++j) s[j] += br[j * p.bias.k];
