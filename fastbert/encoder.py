@@ -284,7 +284,7 @@ def inspect(model: torch.nn.Module, input_ids, attention_mask=None, token_type_i
 
 
 def positions_from_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
-    """HF's RoBERTa/MPNet positions, ``[B, S]``: pad ids get ``padding_idx``, the n-th other id ``padding_idx + n``.
+    """Positions counted from the pad id, ``[B, S]``: pad ids get ``padding_idx``, the n-th other id ``padding_idx + n``.
 
     Computed from the ids, not the mask (a masked token that is not the pad id still counts,
     a pad id inside the text gets the padding row), exactly as HF's
