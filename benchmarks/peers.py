@@ -52,6 +52,8 @@ def share_weights(model: nn.Module) -> nn.Module:
 
 def hf_module(model: nn.Module, attn_implementation: str) -> nn.Module:
     """``model`` (weights shared) running HF's ``"eager"`` or ``"sdpa"`` attention."""
+    if attn_implementation == "sdpa" and not getattr(model, "_supports_sdpa", False):
+        raise Unavailable(f"{type(model).__name__} has no SDPA attention in transformers (only its eager path)")
     clone = share_weights(model)
     clone.config._attn_implementation = attn_implementation
     return clone
@@ -134,7 +136,10 @@ def _fastbert(backend: str, cuda_graphs: bool = False):
         except backends.BackendUnavailable as exc:
             raise Unavailable(str(exc)) from exc
         # optimize() patches the instance and may prepare weights for its backend: a full copy.
-        optimized = fastbert.optimize(copy.deepcopy(model), backend=backend, cuda_graphs=cuda_graphs)
+        try:
+            optimized = fastbert.optimize(copy.deepcopy(model), backend=backend, cuda_graphs=cuda_graphs)
+        except fastbert.UnsupportedConfigError as exc:
+            raise Unavailable(str(exc)) from exc
         run = _hidden(optimized)
         moved = [f"{op}={b}" for op, b in backends.plan(device, backend, dtype).items() if b != backend]
         run.detail = "ops on fallback backends: " + ", ".join(moved) if moved else None
@@ -146,6 +151,10 @@ def _fastbert(backend: str, cuda_graphs: bool = False):
 def nested_encoder(model: nn.Module) -> nn.TransformerEncoder:
     """PyTorch's ``nn.TransformerEncoder`` holding the weights of an HF BERT encoder."""
     c = model.config
+    if not hasattr(model, "encoder") or not hasattr(model.encoder, "layer") or hasattr(
+            model.encoder, "relative_attention_bias"):
+        raise Unavailable(f"nn.TransformerEncoder holds BERT-layout layers without relative position bias; "
+                          f"{type(model).__name__} is not one")
     if c.hidden_act != "gelu":
         raise Unavailable(f"nn.TransformerEncoderLayer has exact GELU only; the model uses {c.hidden_act!r}")
     layer = nn.TransformerEncoderLayer(

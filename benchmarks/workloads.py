@@ -1,8 +1,9 @@
 """What the benchmarks run: models, batch x length shapes, fill levels and the seeded inputs.
 
-A *workload* is a BERT model in fp32 on CPU (random seeded weights for the BERT-base/-large
-configs, the real all-MiniLM-L6-v2 checkpoint for ``minilm``). Every implementation starts from
-that one model, so all of them compute the same function.
+A *workload* is an encoder of the BERT family in fp32 on CPU (random seeded weights for the
+BERT-base/-large configs and for the shapes of all-mpnet-base-v2 and XLM-R base, the real
+all-MiniLM-L6-v2 checkpoint for ``minilm``). Every implementation starts from that one model,
+so all of them compute the same function.
 
 A *fill* says how many of the ``seq_len`` positions of each row are real tokens:
 
@@ -35,16 +36,17 @@ QUICK_FILLS = ("full", "skewed")
 class Workload:
     name: str
     description: str
-    build: Callable[[], torch.nn.Module]  # a fresh fp32 CPU BertModel in eval mode (peers.Unavailable: not here)
+    build: Callable[[], torch.nn.Module]  # a fresh fp32 CPU backbone in eval mode (peers.Unavailable: not here)
     cpu_shapes: tuple[tuple[int, int], ...]  # the smaller CPU grid (2 cores)
     quick_shapes: tuple[tuple[int, int], ...] = ()  # part of --quick; empty: not in --quick
 
 
-def _random_bert(seed: int = SEED, **config) -> torch.nn.Module:
-    from transformers import BertConfig, BertModel
+def _random(config_class: str, model_class: str, seed: int = SEED, **config) -> torch.nn.Module:
+    import transformers
 
     torch.manual_seed(seed)
-    return BertModel(BertConfig(**config), add_pooling_layer=False).eval()
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config), add_pooling_layer=False)
+    return model.eval()
 
 
 def _minilm() -> torch.nn.Module:
@@ -66,6 +68,10 @@ def _minilm() -> torch.nn.Module:
 
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+# all-mpnet-base-v2 (sentence-transformers' default model) and XLM-R base: their configs' shapes.
+MPNET_BASE = dict(BERT_BASE, vocab_size=30527, max_position_embeddings=514, layer_norm_eps=1e-5)
+XLMR_BASE = dict(BERT_BASE, vocab_size=250002, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                 pad_token_id=1)
 TINY = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=128)
 
@@ -75,12 +81,16 @@ WORKLOADS = {
         Workload("minilm", "all-MiniLM-L6-v2 checkpoint (6 layers, hidden 384, 12 heads)", _minilm,
                  cpu_shapes=((1, 16), (1, 128), (8, 128), (8, 512)), quick_shapes=((1, 128), (8, 128))),
         Workload("bert-base", "BERT-base config, seeded random weights (12 layers, hidden 768)",
-                 lambda: _random_bert(**BERT_BASE),
+                 lambda: _random("BertConfig", "BertModel", **BERT_BASE),
                  cpu_shapes=((1, 16), (1, 128), (8, 128)), quick_shapes=((1, 128),)),
         Workload("bert-large", "BERT-large config, seeded random weights (24 layers, hidden 1024)",
-                 lambda: _random_bert(**BERT_LARGE), cpu_shapes=((1, 128),)),
+                 lambda: _random("BertConfig", "BertModel", **BERT_LARGE), cpu_shapes=((1, 128),)),
+        Workload("mpnet-base", "all-mpnet-base-v2 shapes, seeded random weights (MPNet, 12 layers, hidden 768)",
+                 lambda: _random("MPNetConfig", "MPNetModel", **MPNET_BASE), cpu_shapes=((1, 128), (8, 128))),
+        Workload("xlmr-base", "XLM-R base shapes, seeded random weights (12 layers, hidden 768, 250002-row vocabulary)",
+                 lambda: _random("XLMRobertaConfig", "XLMRobertaModel", **XLMR_BASE), cpu_shapes=((1, 128), (8, 128))),
         Workload("tiny", "tiny random config for smoke tests (2 layers, hidden 64)",
-                 lambda: _random_bert(**TINY), cpu_shapes=((2, 16), (3, 33))),
+                 lambda: _random("BertConfig", "BertModel", **TINY), cpu_shapes=((2, 16), (3, 33))),
     )
 }
 DEFAULT_WORKLOADS = ("minilm", "bert-base", "bert-large")

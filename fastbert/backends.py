@@ -184,7 +184,7 @@ def _traced(op: str, backend: str) -> Callable:
     if op == "linear":
         return F.linear  # Inductor plans GEMMs itself (and prepacks weights with freezing)
     custom_op = getattr(ops, op)
-    return lambda *args: custom_op(*args, backend=backend)
+    return lambda *args, **kwargs: custom_op(*args, **kwargs, backend=backend)
 
 
 def kernels(device: torch.device, dtype: torch.dtype, backend: str | None = None) -> Kernels:

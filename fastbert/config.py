@@ -48,7 +48,11 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> "BertConfig":
-        """Build from a ``transformers`` config object (read by attribute, so any version works)."""
+        """Build from a ``transformers`` BERT config object (read by attribute, so any version works).
+
+        Fields the config lacks take BERT's defaults, so this is for BERT configs only; the other
+        families are read from their modules (:mod:`fastbert.views`), never through this class.
+        """
         names = [f.name for f in dataclasses.fields(cls)]
         return cls.from_dict({n: getattr(hf_config, n, None) for n in names})
 
@@ -62,14 +66,19 @@ class BertConfig:
             raise UnsupportedConfigError(
                 f"hidden_act={self.hidden_act!r} is not supported; fastbert fuses {sorted(GELU_BY_HIDDEN_ACT)}"
             )
-        if self.position_embedding_type != "absolute":
-            raise UnsupportedConfigError(
-                f"position_embedding_type={self.position_embedding_type!r} is not supported; "
-                "only absolute position embeddings are"
-            )
-        if self.add_cross_attention:
-            raise UnsupportedConfigError("add_cross_attention=True (cross-attention) is not supported")
+        check_features(self.position_embedding_type, self.add_cross_attention)
         if self.hidden_size % self.num_attention_heads:
             raise UnsupportedConfigError(
                 f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
             )
+
+
+def check_features(position_embedding_type: str, add_cross_attention: bool) -> None:
+    """Raise UnsupportedConfigError for the config features no family's fused path runs."""
+    if position_embedding_type != "absolute":
+        raise UnsupportedConfigError(
+            f"position_embedding_type={position_embedding_type!r} is not supported; only absolute position "
+            "embeddings are"
+        )
+    if add_cross_attention:
+        raise UnsupportedConfigError("add_cross_attention=True (cross-attention) is not supported")

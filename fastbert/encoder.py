@@ -1,14 +1,16 @@
-"""The padding-free BERT encoder, written against the op seam.
+"""The padding-free encoder, written against the op seam; one loop for every family.
 
-``encode`` runs any module tree shaped like Hugging Face's ``BertModel`` (``embeddings``,
-``encoder.layer[i]`` with HF's attribute names) — the HF model itself after
-:func:`fastbert.optimize`, or :class:`fastbert.model.Bert` without transformers installed::
+``encode`` runs the backbone of any family :mod:`fastbert.views` reads (BERT, RoBERTa and its
+relatives, ELECTRA, ALBERT, DistilBERT, MPNet; the HF model itself after :func:`fastbert.optimize`,
+or :class:`fastbert.model.Bert` without transformers installed) from its canonical view, which
+says everything that differs between families; nothing here names one::
 
     input_ids, attention_mask [B, S]
       -> one readback: token count, longest sequence, validity of ids and mask
       -> valid-token indices, cu_seqlens [B + 1] (no host syncs from here on)
-      -> embeddings + LayerNorm on the T valid tokens only          [T, H]
-      -> per layer: QKV GEMM -> varlen attention -> out GEMM -> add+LN
+      -> positions: column numbers, or HF's count of non-pad ids (on the padded ids, then gathered)
+      -> embeddings + LayerNorm on the T valid tokens only (+ E->H projection)   [T, H]
+      -> per layer: QKV GEMM -> varlen attention (+ relative bias) -> out GEMM -> add+LN
                     -> linear+bias+GELU -> down GEMM -> add+LN
       -> pad back to [B, S, H]; pad positions are exactly zero
 
@@ -31,7 +33,6 @@ from typing import NamedTuple
 import torch
 
 from fastbert import backends, views
-from fastbert.config import BertConfig
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ class _IdCheck(NamedTuple):
     name: str
     ids: torch.Tensor
     upper: int  # valid ids are 0 .. upper - 1
-    what: str  # the config field that sets upper
+    what: str  # the config field that sets upper (the table's rows)
 
     def bounds(self) -> list[torch.Tensor]:
         return list(torch.aminmax(self.ids))
@@ -137,11 +138,17 @@ def _attention_bias(mask: torch.Tensor, batch: int, heads: int, seqlen: int, dty
 
 
 def _layer(k: backends.Kernels, w: views.LayerView, h, packing: Packing, bias, causal: bool, heads: int, gelu: str,
-           tracing: bool):
+           tracing: bool, relative=None):
     T, H = h.shape
     w_qkv, b_qkv = w.qkv.traced() if tracing else w.qkv.get()
     q, key, v = k.linear(h, w_qkv, b_qkv).view(T, 3, heads, H // heads).unbind(1)
-    ctx = k.attention(q, key, v, packing.cu_seqlens, packing.max_seqlen, (H // heads) ** -0.5, causal, bias)
+    scale = (H // heads) ** -0.5
+    if relative is None:
+        ctx = k.attention(q, key, v, packing.cu_seqlens, packing.max_seqlen, scale, causal, bias)
+    else:  # by keyword: a backend without them raises instead of binding them to something else
+        table, columns = relative
+        ctx = k.attention(q, key, v, packing.cu_seqlens, packing.max_seqlen, scale, causal, bias, rel_bias=table,
+                          positions=columns)
     a = k.linear(ctx.view(T, H), w.out_weight)
     h = k.add_layernorm(a, h, w.out_bias, w.ln1_weight, w.ln1_bias, w.ln1_eps)
     i = k.linear_gelu(h, w.up_weight, w.up_bias, gelu)
@@ -175,12 +182,14 @@ class Batch:
     (one transfer) or, on the static path, by device-side asserts (:meth:`assert_on_device`).
     """
 
-    def __init__(self, config: BertConfig, view: views.EncoderView, input_ids, attention_mask=None,
-                 token_type_ids=None, position_ids=None):
+    def __init__(self, view: views.EncoderView, input_ids, attention_mask=None, token_type_ids=None,
+                 position_ids=None):
         device = view.word_embeddings.device
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a [batch, seq] tensor, got {shape}")
+        if view.token_type_embeddings is None:
+            token_type_ids = None  # a family without token types ignores them, as its HF forward does
         for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask),
                         ("token_type_ids", token_type_ids), ("position_ids", position_ids)):
             _check_device(name, t, device)
@@ -188,20 +197,22 @@ class Batch:
                 raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {t.dtype}")
         self.batch, self.seqlen = batch, seqlen = input_ids.shape
         self.input_ids = input_ids
-        self.checks = [_IdCheck("input_ids", input_ids, config.vocab_size, "vocab_size")]
+        self.checks = [_IdCheck("input_ids", input_ids, view.word_embeddings.shape[0], "vocab_size")]
+        positions = view.position_embeddings.shape[0]
         if position_ids is None:
-            if seqlen > config.max_position_embeddings:
+            if seqlen > view.max_length:
+                counted = "" if view.padding_idx is None else (
+                    f" less padding_idx + 1 = {view.padding_idx + 1} (positions count from padding_idx + 1)")
                 raise ValueError(
-                    f"input_ids has sequence length {seqlen} but max_position_embeddings is "
-                    f"{config.max_position_embeddings}; truncate the input to at most "
-                    f"{config.max_position_embeddings} tokens"
+                    f"input_ids has sequence length {seqlen} but max_position_embeddings is {positions}{counted}; "
+                    f"truncate the input to at most {view.max_length} tokens"
                 )
         else:
-            self.checks.append(_IdCheck("position_ids", position_ids, config.max_position_embeddings,
-                                        "max_position_embeddings"))
+            self.checks.append(_IdCheck("position_ids", position_ids, positions, "max_position_embeddings"))
             position_ids = position_ids.expand(batch, seqlen)
         if token_type_ids is not None:
-            self.checks.append(_IdCheck("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size"))
+            self.checks.append(_IdCheck("token_type_ids", token_type_ids, view.token_type_embeddings.shape[0],
+                                        "type_vocab_size"))
             token_type_ids = token_type_ids.expand(batch, seqlen)
         self.position_ids, self.token_type_ids = position_ids, token_type_ids
         if batch * seqlen == 0:
@@ -209,9 +220,9 @@ class Batch:
 
         self.bias = self.valid = None
         self.mask_check: list[torch.Tensor] = []  # integer masks: (min, max); float masks: (any value not 0/1,)
-        self.causal = config.is_decoder
+        self.causal = view.causal
         if attention_mask is not None and attention_mask.dim() in (3, 4):
-            self.bias = _attention_bias(attention_mask, batch, config.num_attention_heads, seqlen,
+            self.bias = _attention_bias(attention_mask, batch, view.heads, seqlen,
                                         view.word_embeddings.dtype)
             self.causal = False
         elif attention_mask is not None and attention_mask.dim() != 2:
@@ -266,15 +277,39 @@ class Batch:
         return Packing(indices, self.cu_seqlens, longest, self.batch, self.seqlen, None if exact else self.valid)
 
 
-def inspect(bert: torch.nn.Module, config: BertConfig, input_ids, attention_mask=None, token_type_ids=None,
+def inspect(model: torch.nn.Module, input_ids, attention_mask=None, token_type_ids=None,
             position_ids=None) -> tuple[int, int]:
     """Check a call's inputs as :func:`encode` does; returns (valid tokens, longest sequence)."""
-    return Batch(config, views.encoder_view(bert), input_ids, attention_mask, token_type_ids, position_ids).read_back()
+    return Batch(views.encoder_view(model), input_ids, attention_mask, token_type_ids, position_ids).read_back()
+
+
+def positions_from_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """Positions counted from the pad id, ``[B, S]``: pad ids get ``padding_idx``, the n-th other id ``padding_idx + n``.
+
+    Computed from the ids, not the mask (a masked token that is not the pad id still counts,
+    a pad id inside the text gets the padding row), exactly as HF's
+    ``create_position_ids_from_input_ids``; on the device, before the packed rows are gathered.
+    """
+    real = input_ids.ne(padding_idx).long()
+    return torch.cumsum(real, dim=1) * real + padding_idx
+
+
+_zero_rows: dict[tuple, torch.Tensor] = {}
+
+
+def _no_token_types(word_embeddings: torch.Tensor) -> torch.Tensor:
+    """A one-row zero token-type table for families without one: adding it changes no bit."""
+    if torch.compiler.is_compiling():
+        return word_embeddings.new_zeros(1, word_embeddings.shape[1])
+    key = (word_embeddings.device, word_embeddings.dtype, word_embeddings.shape[1])
+    if key not in _zero_rows:
+        with torch.inference_mode(False), torch.no_grad():
+            _zero_rows[key] = word_embeddings.new_zeros(1, word_embeddings.shape[1])
+    return _zero_rows[key]
 
 
 def encode(
-    bert: torch.nn.Module,
-    config: BertConfig,
+    model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None,
@@ -283,15 +318,16 @@ def encode(
     output_hidden_states: bool = False,
     token_capacity: int | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-    """Run embeddings and every layer; returns ``(last_hidden_state [B, S, H], hidden_states)``.
+    """Run embeddings and every layer of ``model``; returns ``(last_hidden_state [B, S, H], hidden_states)``.
 
-    ``hidden_states`` (embeddings output, then each layer's) is returned padded like the last
-    one when ``output_hidden_states`` is set, else None. ``token_capacity`` (at least the number
-    of valid tokens) selects the static path described in the module docstring. Raises
-    ValueError/TypeError naming the argument for malformed input.
+    ``model`` is a backbone of any family :mod:`fastbert.views` reads. ``hidden_states``
+    (embeddings output after the projection, if any, then each applied layer's) is returned
+    padded like the last one when ``output_hidden_states`` is set, else None.
+    ``token_capacity`` (at least the number of valid tokens) selects the static path described
+    in the module docstring. Raises ValueError/TypeError naming the argument for malformed input.
     """
-    view = views.encoder_view(bert)
-    batch = Batch(config, view, input_ids, attention_mask, token_type_ids, position_ids)
+    view = views.encoder_view(model)
+    batch = Batch(view, input_ids, attention_mask, token_type_ids, position_ids)
     tracing = torch.compiler.is_compiling()
     if token_capacity is not None or tracing:
         batch.assert_on_device()
@@ -301,31 +337,38 @@ def encode(
         tokens, longest = batch.read_back()
         packing = batch.packing(tokens, longest, exact=True)
 
-    k = backends.kernels(view.word_embeddings.device, view.word_embeddings.dtype, backend)
+    word = view.word_embeddings
+    k = backends.kernels(word.device, word.dtype, backend)
     # Positions and token types of the packed rows, gathered (or computed) on the device.
-    if batch.position_ids is None:
+    if batch.position_ids is not None:
+        positions = k.unpad(batch.position_ids.contiguous(), packing.indices)
+    elif view.padding_idx is None:
         positions = packing.indices % max(batch.seqlen, 1)
     else:
-        positions = k.unpad(batch.position_ids.contiguous(), packing.indices)
+        positions = k.unpad(positions_from_ids(input_ids, view.padding_idx), packing.indices)
     if batch.token_type_ids is None:
         types = torch.zeros_like(packing.indices)
     else:
         types = k.unpad(batch.token_type_ids.contiguous(), packing.indices)
+    type_table = view.token_type_embeddings if view.token_type_embeddings is not None else _no_token_types(word)
     h = k.embed_layernorm(
         k.unpad(input_ids.contiguous(), packing.indices), positions, types,
-        view.word_embeddings, view.position_embeddings, view.token_type_embeddings,
-        view.ln_weight, view.ln_bias, view.ln_eps,
+        word, view.position_embeddings, type_table, view.ln_weight, view.ln_bias, view.ln_eps,
     )
+    if view.projection_weight is not None:
+        h = k.linear(h, view.projection_weight, view.projection_bias)
+    relative = None
+    if view.relative_bias is not None:  # the table over key - query distance, and each row's original column
+        table = view.relative_bias.traced() if tracing else view.relative_bias.get()
+        relative = table, (packing.indices % max(batch.seqlen, 1)).to(torch.int32)
     states = [h] if output_hidden_states else None
     for layer in view.layers:
-        h = _layer(k, layer, h, packing, batch.bias, batch.causal, config.num_attention_heads, config.gelu_approximate,
-                   tracing)
+        h = _layer(k, layer, h, packing, batch.bias, batch.causal, view.heads, view.gelu, tracing, relative)
         if states is not None:
             states.append(h)
     hidden_states = tuple(packing.pad(s, k) for s in states) if states is not None else None
     hidden = packing.pad(h, k)
     if torch.is_grad_enabled():
-        weight = view.word_embeddings
-        hidden = _NoBackward.apply(hidden, weight)
-        hidden_states = tuple(_NoBackward.apply(s, weight) for s in hidden_states) if hidden_states is not None else None
+        hidden = _NoBackward.apply(hidden, word)
+        hidden_states = tuple(_NoBackward.apply(s, word) for s in hidden_states) if hidden_states is not None else None
     return hidden, hidden_states

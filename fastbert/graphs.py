@@ -31,7 +31,6 @@ from typing import Callable
 import torch
 
 from fastbert import encoder, views
-from fastbert.config import BertConfig
 
 
 def _power_of_two(n: int) -> int:
@@ -95,31 +94,32 @@ class GraphedEncoder:
     def clear(self) -> None:
         self.graphs.clear()
 
-    def __call__(self, bert: torch.nn.Module, config: BertConfig, input_ids, attention_mask=None,
+    def __call__(self, bert: torch.nn.Module, input_ids, attention_mask=None,
                  token_type_ids=None, position_ids=None, backend: str | None = None,
                  output_hidden_states: bool = False):
-        args = (bert, config, input_ids, attention_mask, token_type_ids, position_ids)
+        args = (bert, input_ids, attention_mask, token_type_ids, position_ids)
         if attention_mask is not None and attention_mask.dim() != 2:
             return encoder.encode(*args, backend=backend, output_hidden_states=output_hidden_states)
         tokens, _ = encoder.inspect(*args)
         if tokens == 0:
             return encoder.encode(*args, backend=backend, output_hidden_states=output_hidden_states)
         view = views.encoder_view(bert)
-        # A new view (a parameter was registered) or a rebuilt fused weight (.to(), an update of
-        # Q/K/V) means the graphs read stale addresses.
-        weights = (view, *(layer.qkv.get()[0] for layer in view.layers))
+        # A new view (a parameter was registered) or a rebuilt derived weight (.to(), an update of
+        # Q/K/V or of a relative-bias table) means the graphs read stale addresses.
+        weights = (view, *(layer.qkv.get()[0] for layer in view.layers),
+                   *((view.relative_bias.get(),) if view.relative_bias is not None else ()))
         if self._weights is None or len(weights) != len(self._weights) or any(
                 a is not b for a, b in zip(weights, self._weights)):
             self.graphs.clear()
             self._weights = weights
         device = input_ids.device
         batch, seqlen = input_ids.shape
-        limit = config.max_position_embeddings if position_ids is None else 1 << 62
+        limit = view.max_length if position_ids is None else 1 << 62
         b, s, rows = shape_bucket(batch, seqlen, tokens, limit)
         key = (b, s, rows, position_ids is not None, token_type_ids is not None, output_hidden_states, backend)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self._new_graph(key, bert, config, device)
+            graph = self._new_graph(key, bert, device)
         self.graphs.move_to_end(key)
         graph.input_ids[:batch, :seqlen] = input_ids
         graph.mask.zero_()
@@ -133,7 +133,7 @@ class GraphedEncoder:
         states = tuple(x[:batch, :seqlen].clone() for x in states) if states is not None else None
         return hidden, states
 
-    def _new_graph(self, key, bert, config, device) -> _Graph:
+    def _new_graph(self, key, bert, device) -> _Graph:
         b, s, rows, positions, types, output_hidden_states, backend = key
         capture = device.type == "cuda"
         if capture and self._pool is None:
@@ -142,7 +142,7 @@ class GraphedEncoder:
             self.graphs.popitem(last=False)
 
         def run(input_ids, mask, token_type_ids, position_ids):
-            return encoder.encode(bert, config, input_ids, mask, token_type_ids, position_ids, backend=backend,
+            return encoder.encode(bert, input_ids, mask, token_type_ids, position_ids, backend=backend,
                                   output_hidden_states=output_hidden_states, token_capacity=rows)
 
         with torch.no_grad():

@@ -1,24 +1,29 @@
-"""``fastbert.optimize``: run Hugging Face BERT models on fastbert's padding-free encoder.
+"""``fastbert.optimize``: run Hugging Face encoders of the BERT family on fastbert's padding-free encoder.
 
-``optimize(model)`` finds every ``transformers.BertModel`` inside ``model`` (the model itself,
-the ``.bert`` of any ``BertFor*`` head or ``BertLMHeadModel``, the backbone of a
-sentence-transformers ``SentenceTransformer``) and gives that instance a new ``forward``. The
-heads, the pooler and all weights stay the HF modules' own; nothing is copied except a fused
-Q/K/V weight per layer, rebuilt whenever the weights change. ``unoptimize(model)`` undoes it.
+``optimize(model)`` finds every backbone of a family in :data:`fastbert.views.FAMILIES` inside
+``model`` (BERT, RoBERTa, XLM-R, CamemBERT, Data2VecText, ELECTRA, ALBERT, DistilBERT, MPNet; the
+model itself, the backbone of any of their heads, the backbone of a sentence-transformers
+``SentenceTransformer`` or ``CrossEncoder``) and gives that instance a new ``forward``. It binds
+its arguments by the family's own forward signature (positional calls too) and returns the
+family's own output class. The heads, the pooler and all weights stay the HF modules' own;
+nothing is copied except a fused Q/K/V weight per layer and MPNet's relative-bias table, rebuilt
+whenever the weights change. ``unoptimize(model)`` undoes it.
 
 Calls the fused path cannot honour run the original HF forward instead, with one warning per
-reason: ``output_attentions=True``, a ``head_mask``, a KV cache passed in (generation),
-cross-attention inputs, ``inputs_embeds``, unknown keyword arguments, autocast to a dtype other
-than the weights' (fastbert computes in the weights' dtype), and training mode (fastbert is
-inference-only for now: in eval mode the forward runs fused, and a backward through it raises
-an error rather than giving the encoder no gradients). Configs it cannot
-reproduce (relative position embeddings, cross-attention layers, activations other than GELU)
-are refused by ``optimize``.
+reason: ``output_attentions=True``, ``output_hidden_states`` selecting layers by index, a
+``head_mask``, a KV cache passed in (generation), cross-attention inputs, ``inputs_embeds``,
+unknown keyword arguments, autocast to a dtype other than the weights' (fastbert computes in
+the weights' dtype), and training mode (fastbert is inference-only for now: in eval mode the
+forward runs fused, and a backward through it raises an error rather than giving the encoder
+no gradients). ``token_type_ids`` given to a family without token types (DistilBERT, MPNet) is
+ignored, as their HF forwards do. Configs it cannot reproduce (relative position embeddings,
+cross-attention layers, activations other than GELU) are refused by ``optimize``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import warnings
 
@@ -26,7 +31,7 @@ import torch
 from torch import nn
 
 from fastbert import backends, encoder, graphs, views
-from fastbert.config import BertConfig
+from fastbert.config import check_features
 
 # Keyword arguments the fused path accepts when they have one of these "off" values
 # (ANY: every value; use_cache is accepted because no cache is built, the output's cache is None).
@@ -42,76 +47,103 @@ _NEUTRAL_KWARGS = {
     "inputs_embeds": (None,),
 }
 _warned: set[str] = set()
+SUPPORTED = "; ".join(f"{f.name} ({', '.join(f.backbones)})" for f in views.FAMILIES)
 
 
 @dataclasses.dataclass
 class _State:
-    config: BertConfig
+    family: views.Family
     backend: str | None
     graphs: graphs.GraphedEncoder | None  # None: eager
+    parameters: tuple[str, ...]  # the HF forward's parameters that positional arguments bind to
+    output: type  # the HF forward's output class
 
 
-def _bert_models(model: nn.Module) -> list[nn.Module]:
-    try:
-        from transformers import BertModel
-    except ImportError as exc:  # pragma: no cover - transformers is the reason to call this
-        raise ImportError("fastbert.optimize needs transformers; pip install 'fastbert[hf]'") from exc
-    found = [m for m in model.modules() if isinstance(m, BertModel)]
+def _backbones(model: nn.Module) -> list[nn.Module]:
+    from fastbert.model import Bert  # standalone: already fastbert's own forward
+
+    found = [m for m in model.modules() if views.family_of(m) is not None and not isinstance(m, Bert)]
     if not found:
         raise TypeError(
-            f"fastbert.optimize supports transformers BERT models (BertModel, BertFor*, BertLMHeadModel) and "
-            f"sentence-transformers models built on one; found no BertModel inside {type(model).__name__}"
+            f"fastbert.optimize supports transformers encoders of these families, any of their heads and "
+            f"sentence-transformers models built on one: {SUPPORTED}; found no such backbone inside "
+            f"{type(model).__name__}"
         )
     return found
 
 
+def _positional_parameters(cls: type) -> tuple[str, ...]:
+    """The names positional arguments bind to in ``cls.forward`` (decorators unwrapped), without ``self``."""
+    names = []
+    for p in list(inspect.signature(cls.forward).parameters.values())[1:]:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return tuple(names)
+
+
+def _check_supported(backbone: nn.Module) -> None:
+    """Raise UnsupportedConfigError for what the fused path cannot reproduce (reading the view checks the rest)."""
+    config = backbone.config
+    check_features(getattr(config, "position_embedding_type", "absolute") or "absolute",
+                   bool(getattr(config, "add_cross_attention", False)))
+    views.clear(backbone)
+    views.encoder_view(backbone)
+
+
 def optimize(model: nn.Module, backend: str | None = None, cuda_graphs: bool = False,
              max_graphs: int = 16) -> nn.Module:
-    """Make every BERT encoder inside ``model`` run padding-free on fastbert's ops, in place.
+    """Make every encoder backbone inside ``model`` run padding-free on fastbert's ops, in place.
 
     ``backend`` ("triton", "cuda", "cpp" or "torch") forces one backend; None picks per device
     (see :mod:`fastbert.backends`). ``cuda_graphs=True`` replays one CUDA graph per shape
     bucket, keeping at most ``max_graphs`` (see :mod:`fastbert.graphs`). Returns ``model``.
-    Raises UnsupportedConfigError for configs the fused path cannot reproduce. Outputs at pad
-    positions of ``last_hidden_state`` are zero.
+    Raises TypeError when ``model`` holds no supported backbone (the message lists the
+    families) and UnsupportedConfigError for configs the fused path cannot reproduce. Outputs
+    at pad positions of ``last_hidden_state`` are zero.
     """
     if backend is not None:
         backends.requested_backend(backend)  # validates the name
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-    berts = _bert_models(model)
-    configs = [BertConfig.from_hf(b.config) for b in berts]
-    for config in configs:
-        config.check_supported()
-    for bert, config in zip(berts, configs):
-        bert._fastbert = _State(config, backend, graphs.GraphedEncoder(max_graphs) if cuda_graphs else None)
-        bert.forward = types.MethodType(_fast_forward, bert)
+    found = _backbones(model)
+    for backbone in found:
+        _check_supported(backbone)
+    from transformers import modeling_outputs
+
+    for backbone in found:
+        family = views.family_of(backbone)
+        backbone._fastbert = _State(family, backend, graphs.GraphedEncoder(max_graphs) if cuda_graphs else None,
+                                    _positional_parameters(type(backbone)), getattr(modeling_outputs, family.output))
+        backbone.forward = types.MethodType(_fast_forward, backbone)
     return model
 
 
 def unoptimize(model: nn.Module) -> nn.Module:
-    """Restore the original HF forward of every BERT encoder inside ``model``; returns ``model``."""
-    for bert in _bert_models(model):
-        if "_fastbert" in bert.__dict__:
-            del bert.forward, bert._fastbert
-            views.clear(bert)
+    """Restore the original HF forward of every backbone inside ``model``; returns ``model``."""
+    for backbone in _backbones(model):
+        if "_fastbert" in backbone.__dict__:
+            del backbone.forward, backbone._fastbert
+            views.clear(backbone)
     return model
 
 
 def is_optimized(model: nn.Module) -> bool:
-    return any("_fastbert" in b.__dict__ for b in _bert_models(model))
+    return any("_fastbert" in b.__dict__ for b in _backbones(model))
 
 
-def _fallback_reason(bert: nn.Module, kwargs: dict) -> str | None:
+def _fallback_reason(backbone: nn.Module, kwargs: dict, output_hidden_states) -> str | None:
     for name, value in kwargs.items():
         if name not in _NEUTRAL_KWARGS:
             return f"keyword argument {name!r}"
         neutral = _NEUTRAL_KWARGS[name]
         if neutral is not ANY and not any(value is v for v in neutral):
             return f"{name}={'<tensor>' if isinstance(value, torch.Tensor) else repr(value)}"
-    if bert.training:
+    if output_hidden_states is not None and not isinstance(output_hidden_states, bool):
+        return "output_hidden_states selecting layers by index"
+    if backbone.training:
         return "training mode (fastbert runs inference only; call model.eval())"
-    weights = views.encoder_view(bert).word_embeddings
+    weights = views.encoder_view(backbone).word_embeddings
     device_type = weights.device.type
     if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) != weights.dtype:
         return (f"autocast to {torch.get_autocast_dtype(device_type)} over {weights.dtype} weights (fastbert runs "
@@ -119,43 +151,52 @@ def _fallback_reason(bert: nn.Module, kwargs: dict) -> str | None:
     return None
 
 
-def _fast_forward(
-    self: nn.Module,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    token_type_ids: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    output_hidden_states: bool | None = None,
-    return_dict: bool | None = None,
-    **kwargs,
-):
-    reason = _fallback_reason(self, kwargs)
+def _pool(self: nn.Module, family: views.Family, hidden: torch.Tensor) -> torch.Tensor | None:
+    if family.pooling == "none" or self.pooler is None:
+        return None
+    if family.pooling == "linear":  # ALBERT: a bare Linear over the first token, then its activation
+        return self.pooler_activation(self.pooler(hidden[:, 0]))
+    return self.pooler(hidden)
+
+
+def _fast_forward(self: nn.Module, *args, **kwargs):
+    state: _State = self._fastbert
+    if args:
+        if len(args) > len(state.parameters):
+            raise TypeError(f"{type(self).__name__}.forward takes at most {len(state.parameters)} positional "
+                            f"arguments, got {len(args)}")
+        call = dict(zip(state.parameters, args))
+        for name, value in kwargs.items():
+            if name in call:
+                raise TypeError(f"{type(self).__name__}.forward got multiple values for argument {name!r}")
+            call[name] = value
+    else:
+        call = dict(kwargs)
+    input_ids = call.pop("input_ids", None)
+    attention_mask = call.pop("attention_mask", None)
+    token_type_ids = call.pop("token_type_ids", None)
+    position_ids = call.pop("position_ids", None)
+    output_hidden_states = call.pop("output_hidden_states", None)
+    return_dict = call.pop("return_dict", None)
+    reason = _fallback_reason(self, call, output_hidden_states)
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
             warnings.warn(f"fastbert: {reason} is not supported by the fused path; running the original forward",
                           stacklevel=2)
-        original = type(self).forward.__get__(self)
-        return original(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                        position_ids=position_ids, output_hidden_states=output_hidden_states,
-                        return_dict=return_dict, **kwargs)
+        return type(self).forward(self, *args, **kwargs)
 
-    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
-
-    state: _State = self._fastbert
     if output_hidden_states is None:
         output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
     if input_ids is None:
         raise ValueError("input_ids is required (inputs_embeds runs the original forward)")
     run = encoder.encode if state.graphs is None else state.graphs
-    hidden, states = run(
-        self, state.config, input_ids, attention_mask, token_type_ids, position_ids,
-        backend=state.backend, output_hidden_states=output_hidden_states,
-    )
-    pooled = self.pooler(hidden) if self.pooler is not None else None
-    output = BaseModelOutputWithPoolingAndCrossAttentions(
-        last_hidden_state=hidden, pooler_output=pooled, hidden_states=states
-    )
+    hidden, states = run(self, input_ids, attention_mask, token_type_ids, position_ids, backend=state.backend,
+                         output_hidden_states=output_hidden_states)
+    fields = dict(last_hidden_state=hidden, hidden_states=states)
+    if state.family.pooling != "none":
+        fields["pooler_output"] = _pool(self, state.family, hidden)
+    output = state.output(**fields)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     return output if return_dict else output.to_tuple()

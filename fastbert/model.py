@@ -114,7 +114,7 @@ class Bert(nn.Module):
         Pad positions of ``last_hidden_state`` are zero. See :mod:`fastbert.encoder` for masks.
         """
         hidden, _ = encoder.encode(
-            self, self.config, input_ids, attention_mask, token_type_ids, position_ids, backend=backend
+            self, input_ids, attention_mask, token_type_ids, position_ids, backend=backend
         )
         return hidden, self.pool(hidden)
 

@@ -1,5 +1,14 @@
 """The encoder's weights, read out of a module tree once and kept until the tree changes.
 
+Every family fastbert runs is a post-LayerNorm encoder; what differs is where its weights sit
+in the module tree and a few rules. Each family has a *reader* here that maps its tree to one
+canonical :class:`EncoderView` by attribute lookups only: embedding tables (a token-type table
+or none, an optional E->H projection after the embedding LayerNorm), the position rule, the
+layers in the order they run (q/k/v/o, LN1, FFN up/down, LN2, each LayerNorm with its own eps),
+the GELU form, the head count, causality and an optional relative-position bias. Sizes come
+from the weights' shapes. :mod:`fastbert.encoder` runs any view and never names a family;
+:data:`FAMILIES` is the registry :func:`fastbert.optimize` searches.
+
 A forward through Hugging Face modules pays about a microsecond per attribute lookup
 (``layer.attention.output.LayerNorm.weight`` is five), and a layer needs some twenty: more host
 time than the small kernels of a short batch take. :func:`encoder_view` reads every weight the
@@ -9,16 +18,19 @@ submodule is registered anywhere in the process (``module.weight = nn.Parameter(
 
 Updates that keep the parameter objects need no rebuild: the view holds the parameters
 themselves, so in-place changes (``load_state_dict``, an optimizer step) and ``.to()``/``.half()``
-(which swap a parameter's data, not the parameter) are seen as they happen. The one derived
-weight, the fused Q/K/V projection, is rebuilt when a source's version or storage changes.
+(which swap a parameter's data, not the parameter) are seen as they happen. The derived weights
+(the fused Q/K/V projection of each layer, MPNet's relative-bias table) are rebuilt when a
+source's version or storage changes.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
+
+from fastbert.config import GELU_BY_HIDDEN_ACT, UnsupportedConfigError
 
 _generation = 0
 
@@ -68,6 +80,30 @@ class FusedQKV:
         return self.weight, self.bias
 
 
+class RelativeBias:
+    """A per-head bias over the key-query distance, as the attention op takes it.
+
+    ``build(weight)`` turns the model's bucket table into the fp32 ``[heads, 2R + 1]`` table
+    indexed by ``clamp(key - query, -R, R) + R``; it is rebuilt when the weight changes.
+    """
+
+    def __init__(self, weight: torch.Tensor, build: Callable[[torch.Tensor], torch.Tensor]):
+        self.weight, self.build = weight, build
+        self._stamp = None
+        self.table = None
+
+    def traced(self) -> torch.Tensor:
+        return self.build(self.weight)
+
+    def get(self) -> torch.Tensor:
+        current = stamp(self.weight)
+        if current != self._stamp:
+            with torch.inference_mode(False), torch.no_grad():
+                self.table = self.traced()
+            self._stamp = current
+        return self.table
+
+
 class LayerView(NamedTuple):
     """One post-LayerNorm encoder layer: attention block, then feed-forward block."""
 
@@ -87,40 +123,184 @@ class LayerView(NamedTuple):
 
 
 class EncoderView(NamedTuple):
-    word_embeddings: torch.Tensor
-    position_embeddings: torch.Tensor
-    token_type_embeddings: torch.Tensor
-    ln_weight: torch.Tensor
+    word_embeddings: torch.Tensor  # [vocab, E]
+    position_embeddings: torch.Tensor  # [positions, E]
+    token_type_embeddings: torch.Tensor | None  # [types, E]; None: the family has no token types
+    ln_weight: torch.Tensor  # embedding LayerNorm, width E
     ln_bias: torch.Tensor
     ln_eps: float
-    layers: tuple[LayerView, ...]
+    projection_weight: torch.Tensor | None  # [H, E] after the embedding LayerNorm (E != H), else None
+    projection_bias: torch.Tensor | None
+    layers: tuple[LayerView, ...]  # in the order they run (a shared layer once per application)
+    heads: int
+    gelu: str  # the GELU form, as reference.gelu takes it
+    causal: bool
+    padding_idx: int | None  # None: positions are column numbers; else HF's count of non-pad ids from it
+    relative_bias: RelativeBias | None
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the position table serves when positions are not given."""
+        rows = self.position_embeddings.shape[0]
+        return rows if self.padding_idx is None else rows - self.padding_idx - 1
 
 
-def _layer_view(layer: nn.Module) -> LayerView:
-    attn, out, up, down = layer.attention.self, layer.attention.output, layer.intermediate.dense, layer.output
-    return LayerView(
-        FusedQKV(attn.query, attn.key, attn.value),
-        out.dense.weight, out.dense.bias, out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps,
-        up.weight, up.bias,
-        down.dense.weight, down.dense.bias, down.LayerNorm.weight, down.LayerNorm.bias, down.LayerNorm.eps,
-    )
+def _linear(m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    return m.weight, m.bias
 
 
-def encoder_view(bert: nn.Module) -> EncoderView:
-    """The weights of a module tree shaped like HF's ``BertModel``, cached on ``bert``."""
-    cached = bert.__dict__.get("_fastbert_view")
+def _ln(m: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
+    return m.weight, m.bias, m.eps
+
+
+def _layer(q, k, v, o: nn.Linear, ln1: nn.LayerNorm, up: nn.Linear, down: nn.Linear, ln2: nn.LayerNorm) -> LayerView:
+    return LayerView(FusedQKV(q, k, v), *_linear(o), *_ln(ln1), *_linear(up), *_linear(down), *_ln(ln2))
+
+
+def _bert_layer(layer: nn.Module) -> LayerView:
+    attn, out = layer.attention.self, layer.attention.output
+    return _layer(attn.query, attn.key, attn.value, out.dense, out.LayerNorm, layer.intermediate.dense,
+                  layer.output.dense, layer.output.LayerNorm)
+
+
+def _gelu(name, key: str = "hidden_act") -> str:
+    """The GELU form of the activation named ``name`` by config key ``key``; anything else is refused."""
+    if not isinstance(name, str) or name not in GELU_BY_HIDDEN_ACT:
+        raise UnsupportedConfigError(f"{key}={name!r} is not supported; fastbert fuses {sorted(GELU_BY_HIDDEN_ACT)}")
+    return GELU_BY_HIDDEN_ACT[name]
+
+
+def _embeddings(emb: nn.Module, token_types: bool = True) -> tuple:
+    types = emb.token_type_embeddings.weight if token_types else None
+    return (emb.word_embeddings.weight, emb.position_embeddings.weight, types, *_ln(emb.LayerNorm))
+
+
+def read_bert(model: nn.Module) -> EncoderView:
+    """BERT (HF ``BertModel`` and :class:`fastbert.Bert`): positions are column numbers."""
+    c = model.config
+    return EncoderView(*_embeddings(model.embeddings), None, None, tuple(map(_bert_layer, model.encoder.layer)),
+                       c.num_attention_heads, _gelu(c.hidden_act), bool(c.is_decoder), None, None)
+
+
+def read_roberta(model: nn.Module) -> EncoderView:
+    """RoBERTa, XLM-R, CamemBERT, Data2VecText: BERT's tree, positions counted from the pad id."""
+    return read_bert(model)._replace(padding_idx=model.embeddings.padding_idx)
+
+
+def read_electra(model: nn.Module) -> EncoderView:
+    """ELECTRA: width-E embeddings, projected to H after their LayerNorm when E != H."""
+    project = getattr(model, "embeddings_project", None)
+    view = read_bert(model)
+    return view if project is None else view._replace(projection_weight=project.weight,
+                                                      projection_bias=project.bias)
+
+
+def _albert_layer(layer: nn.Module) -> LayerView:
+    a = layer.attention
+    return _layer(a.query, a.key, a.value, a.dense, a.LayerNorm, layer.ffn, layer.ffn_output,
+                  layer.full_layer_layer_norm)
+
+
+def read_albert(model: nn.Module) -> EncoderView:
+    """ALBERT: width-E embeddings, always projected; layer i runs group int(i / (L / G)), all of its layers."""
+    c, enc = model.config, model.encoder
+    groups = [tuple(map(_albert_layer, group.albert_layers)) for group in enc.albert_layer_groups]
+    L, G = c.num_hidden_layers, len(groups)
+    layers = tuple(v for i in range(L) for v in groups[int(i / (L / G))])
+    return EncoderView(*_embeddings(model.embeddings), *_linear(enc.embedding_hidden_mapping_in), layers,
+                       c.num_attention_heads, _gelu(c.hidden_act), False, None, None)
+
+
+def read_distilbert(model: nn.Module) -> EncoderView:
+    """DistilBERT: no token types, column positions, its own layer names."""
+    c = model.config
+    layers = tuple(_layer(b.attention.q_lin, b.attention.k_lin, b.attention.v_lin, b.attention.out_lin,
+                          b.sa_layer_norm, b.ffn.lin1, b.ffn.lin2, b.output_layer_norm)
+                   for b in model.transformer.layer)
+    return EncoderView(*_embeddings(model.embeddings, token_types=False), None, None, layers,
+                       c.num_attention_heads, _gelu(c.activation, "activation"), False, None, None)
+
+
+# The relative distances MPNet's table covers: its buckets saturate well inside +-128 (from +-91).
+MPNET_RADIUS = 128
+
+
+def _mpnet_table(encoder: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """MPNet's bucket table as ``[heads, 2R + 1]`` fp32 over key - query distances -R..R.
+
+    The buckets come from HF's own ``relative_position_bucket`` (as ``compute_position_bias``
+    calls it), so every boundary is HF's.
+    """
+    distances = torch.arange(-MPNET_RADIUS, MPNET_RADIUS + 1, device=weight.device)
+    return weight[encoder.relative_position_bucket(distances)].t().float().contiguous()
+
+
+def _mpnet_layer(layer: nn.Module) -> LayerView:
+    a = layer.attention
+    return _layer(a.attn.q, a.attn.k, a.attn.v, a.attn.o, a.LayerNorm, layer.intermediate.dense, layer.output.dense,
+                  layer.output.LayerNorm)
+
+
+def read_mpnet(model: nn.Module) -> EncoderView:
+    """MPNet: positions counted from the pad id, no token types, one relative-bias table for all layers."""
+    c, enc = model.config, model.encoder
+    layers = tuple(map(_mpnet_layer, enc.layer))
+    table = RelativeBias(enc.relative_attention_bias.weight, lambda weight: _mpnet_table(enc, weight))
+    return EncoderView(*_embeddings(model.embeddings, token_types=False), None, None, layers,
+                       c.num_attention_heads, _gelu(c.hidden_act), False, model.embeddings.padding_idx, table)
+
+
+class Family(NamedTuple):
+    """One model family: how to find its backbone and read it, and what its HF forward returns."""
+
+    name: str
+    backbones: tuple[str, ...]  # the transformers classes of its backbone
+    read: Callable[[nn.Module], EncoderView]
+    pooling: str  # "module": ``model.pooler(hidden)``; "linear": ``pooler_activation(pooler(hidden[:, 0]))``; "none"
+    output: str  # the transformers.modeling_outputs class of the backbone's forward
+
+
+FAMILIES = (
+    Family("BERT", ("BertModel",), read_bert, "module", "BaseModelOutputWithPoolingAndCrossAttentions"),
+    Family("RoBERTa", ("RobertaModel", "XLMRobertaModel", "CamembertModel", "Data2VecTextModel"), read_roberta,
+           "module", "BaseModelOutputWithPoolingAndCrossAttentions"),
+    Family("ELECTRA", ("ElectraModel",), read_electra, "none", "BaseModelOutputWithPastAndCrossAttentions"),
+    Family("ALBERT", ("AlbertModel",), read_albert, "linear", "BaseModelOutputWithPooling"),
+    Family("DistilBERT", ("DistilBertModel",), read_distilbert, "none", "BaseModelOutput"),
+    Family("MPNet", ("MPNetModel",), read_mpnet, "module", "BaseModelOutputWithPooling"),
+)
+_BY_CLASS_NAME = {name: family for family in FAMILIES for name in family.backbones}
+_family_of_type: dict[type, Family | None] = {}
+
+
+def family_of(module: nn.Module) -> Family | None:
+    """The family whose backbone ``module`` is (a transformers class or a subclass of one), or None."""
+    cls = type(module)
+    if cls not in _family_of_type:
+        from fastbert.model import Bert  # the standalone model reads as BERT
+
+        found = FAMILIES[0] if issubclass(cls, Bert) else None
+        for base in cls.__mro__:
+            if found is None and base.__module__.startswith("transformers."):
+                found = _BY_CLASS_NAME.get(base.__name__)
+        _family_of_type[cls] = found
+    return _family_of_type[cls]
+
+
+def encoder_view(model: nn.Module) -> EncoderView:
+    """The canonical view of a backbone of any family in :data:`FAMILIES`, cached on ``model``."""
+    cached = model.__dict__.get("_fastbert_view")
     if cached is not None and cached[0] == _generation:
         return cached[1]
-    emb = bert.embeddings
-    view = EncoderView(
-        emb.word_embeddings.weight, emb.position_embeddings.weight, emb.token_type_embeddings.weight,
-        emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps,
-        tuple(_layer_view(layer) for layer in bert.encoder.layer),
-    )
-    bert.__dict__["_fastbert_view"] = (_generation, view)
+    family = family_of(model)
+    if family is None:
+        raise TypeError(f"fastbert has no view of {type(model).__name__}; supported backbones: "
+                        f"{', '.join(n for f in FAMILIES for n in f.backbones)}")
+    view = family.read(model)
+    model.__dict__["_fastbert_view"] = (_generation, view)
     return view
 
 
-def clear(bert: nn.Module) -> None:
-    """Drop the view (and its fused weights) kept on ``bert``."""
-    bert.__dict__.pop("_fastbert_view", None)
+def clear(model: nn.Module) -> None:
+    """Drop the view (and its fused weights) kept on ``model``."""
+    model.__dict__.pop("_fastbert_view", None)

@@ -29,3 +29,20 @@ def test_compiled_optimized_model_matches_eager():
             expected = reference(ids, attention_mask=mask).logits
             got = compiled(ids, attention_mask=mask).logits
             assert (got - expected).abs().max() <= 1e-4
+
+
+def test_compiled_mpnet_with_its_relative_bias():
+    """Positions counted from the ids, no token-type table and the relative bias, traced in one graph."""
+    config = transformers.MPNetConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=37, max_position_embeddings=64)
+    reference = transformers.MPNetModel(config).eval()
+    model = fastbert.optimize(transformers.MPNetModel(config).eval())
+    model.load_state_dict(reference.state_dict())
+    compiled = torch.compile(model, fullgraph=True)
+    ids = torch.randint(2, 99, (3, 17))
+    mask = torch.arange(17)[None] < torch.tensor([17, 5, 9])[:, None]
+    ids[~mask] = config.pad_token_id
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).last_hidden_state
+        got = compiled(ids, attention_mask=mask).last_hidden_state
+    assert (got - expected)[mask].abs().max() <= 1e-4

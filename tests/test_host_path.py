@@ -79,10 +79,9 @@ def test_a_forward_reads_back_once(monkeypatch, mask_kind):
 def test_static_path_reads_nothing_back(monkeypatch):
     model = small_model()
     ids, mask, types = tokenizer_batch([7, 23, 1], 23)
-    config = fastbert.BertConfig.from_hf(model.config)
     readbacks = Readbacks(monkeypatch)
     with torch.no_grad():
-        counts = sync_ops(lambda: encoder.encode(model, config, ids, mask, types, token_capacity=40))
+        counts = sync_ops(lambda: encoder.encode(model, ids, mask, types, token_capacity=40))
     assert readbacks.count == 0
     # On CPU an async assert reads its flag (one _local_scalar_dense each); on a GPU it does not.
     assert counts["aten::_assert_async"] >= 2  # ids, token types (and the mask's values)
@@ -95,21 +94,19 @@ def test_static_path_still_rejects_bad_input(bad):
     model = small_model()
     ids, mask, types = tokenizer_batch([7, 23, 1], 23)
     {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}[bad][1, 3] = 99 if bad != "attention_mask" else 2
-    config = fastbert.BertConfig.from_hf(model.config)
     with torch.no_grad(), pytest.raises(RuntimeError, match=bad):
-        encoder.encode(model, config, ids, mask, types, token_capacity=40)
+        encoder.encode(model, ids, mask, types, token_capacity=40)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch", "triton"])
 def test_static_path_matches_exact_packing(backend):
     model = small_model(layers=3 if backend != "triton" else 2)
-    config = fastbert.BertConfig.from_hf(model.config)
     ids, mask, types = tokenizer_batch([7, 23, 0, 1], 23)
     with torch.no_grad():
-        exact, exact_states = encoder.encode(model, config, ids, mask, types, backend=backend,
+        exact, exact_states = encoder.encode(model, ids, mask, types, backend=backend,
                                              output_hidden_states=True)
         for rows in (31, 64, 4 * 23):  # 31 valid tokens: no dummy row, then some, then all positions
-            static, states = encoder.encode(model, config, ids, mask, types, backend=backend,
+            static, states = encoder.encode(model, ids, mask, types, backend=backend,
                                             output_hidden_states=True, token_capacity=rows)
             torch.testing.assert_close(static, exact, rtol=0, atol=1e-5)
             for a, b in zip(states, exact_states, strict=True):
