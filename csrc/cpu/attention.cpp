@@ -188,7 +188,8 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
   std::fill(w.q.begin(), w.q.end(), 0.f);
   for (int64_t i = 0; i < rows; ++i) {
     const T* src = p.q + (start + q0 + i) * p.qs.token + h * p.qs.head;
-    for (int64_t d = 0; d < D; ++d) w.q[i * D + d] = static_cast<float>(src[d]) * p.scale;
+    float* row = w.q.data() + i * D;
+    for_each_vec(D, [&](int64_t d, int64_t n) { (load(src + d, n) * Vec(p.scale)).store(row + d, n); });
   }
   std::fill(w.o.begin(), w.o.end(), 0.f);
   std::fill(w.m.begin(), w.m.end(), kNegInf);
@@ -250,7 +251,7 @@ void load_keys_values(const Problem<T>& p, Scratch& w, int64_t b, int64_t h) {
     for (int64_t d = 0; d < D; ++d) panel[d * kPanelK] = static_cast<float>(ks[d]);
     const T* vs = p.v + (start + j) * p.vs.token + h * p.vs.head;
     float* vr = v + j * Dp;
-    for (int64_t d = 0; d < D; ++d) vr[d] = static_cast<float>(vs[d]);
+    for_each_vec(D, [&](int64_t d, int64_t n) { load(vs + d, n).store(vr + d, n); });
     std::fill(vr + D, vr + Dp, 0.f);
   }
 }
