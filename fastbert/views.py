@@ -55,59 +55,44 @@ def stamp(t: torch.Tensor) -> tuple[int, int]:
     return (-1 if t.is_inference() else t._version), t.data_ptr()
 
 
-class FusedQKV:
-    """One ``[3H, H]`` weight and ``[3H]`` bias for the Q, K and V projections of a layer."""
+class Derived:
+    """A weight computed from parameters, ``build(*sources)``, kept until a source's version or
+    storage changes: the fused Q/K/V projection of a layer, MPNet's relative-bias table."""
 
-    def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear):
-        self.sources = (query.weight, key.weight, value.weight, query.bias, key.bias, value.bias)
+    def __init__(self, build: Callable, *sources: torch.Tensor):
+        self.build, self.sources = build, sources
         self._stamp = None
-        self.weight = self.bias = None
+        self.value = None
 
-    def traced(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused weight and bias as part of the graph (``torch.compile`` folds or reuses them)."""
-        return torch.cat(self.sources[:3]), torch.cat(self.sources[3:])
+    def traced(self):
+        """Built as part of the graph (``torch.compile`` folds or reuses it)."""
+        return self.build(*self.sources)
 
-    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused weight and bias, rebuilt if a source changed since the last call."""
-        wq, wk, wv, bq, bk, bv = self.sources
-        # Spelled out: this runs once per layer and forward, and a generator costs more than the check.
-        current = (stamp(wq), stamp(wk), stamp(wv), stamp(bq), stamp(bk), stamp(bv))
+    def get(self):
+        """The kept value, rebuilt if a source changed since the last call."""
+        # map, not a generator: this runs once per layer and forward.
+        current = tuple(map(stamp, self.sources))
         if current != self._stamp:
             # A normal tensor even when built under inference_mode, so it serves every mode after.
             with torch.inference_mode(False), torch.no_grad():
-                self.weight, self.bias = self.traced()
+                self.value = self.traced()
             self._stamp = current
-        return self.weight, self.bias
+        return self.value
 
 
-class RelativeBias:
-    """A per-head bias over the key-query distance, as the attention op takes it.
+def _fuse_qkv(wq, wk, wv, bq, bk, bv) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``[3H, H]`` weight and ``[3H]`` bias for the Q, K and V projections of a layer."""
+    return torch.cat((wq, wk, wv)), torch.cat((bq, bk, bv))
 
-    ``build(weight)`` turns the model's bucket table into the fp32 ``[heads, 2R + 1]`` table
-    indexed by ``clamp(key - query, -R, R) + R``; it is rebuilt when the weight changes.
-    """
 
-    def __init__(self, weight: torch.Tensor, build: Callable[[torch.Tensor], torch.Tensor]):
-        self.weight, self.build = weight, build
-        self._stamp = None
-        self.table = None
-
-    def traced(self) -> torch.Tensor:
-        return self.build(self.weight)
-
-    def get(self) -> torch.Tensor:
-        current = stamp(self.weight)
-        if current != self._stamp:
-            with torch.inference_mode(False), torch.no_grad():
-                self.table = self.traced()
-            self._stamp = current
-        return self.table
+def fused_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear) -> Derived:
+    return Derived(_fuse_qkv, query.weight, key.weight, value.weight, query.bias, key.bias, value.bias)
 
 
 class LayerView(NamedTuple):
     """One post-LayerNorm encoder layer: attention block, then feed-forward block."""
 
-    qkv: FusedQKV
+    qkv: Derived  # fused_qkv: (weight [3H, H], bias [3H])
     out_weight: torch.Tensor  # attention output projection [H, H], its bias fused into LN1
     out_bias: torch.Tensor
     ln1_weight: torch.Tensor
@@ -136,7 +121,7 @@ class EncoderView(NamedTuple):
     gelu: str  # the GELU form, as reference.gelu takes it
     causal: bool
     padding_idx: int | None  # None: positions are column numbers; else HF's count of non-pad ids from it
-    relative_bias: RelativeBias | None
+    relative_bias: Derived | None  # fp32 [heads, 2R + 1] over clamp(key - query, -R, R) + R
 
     @property
     def max_length(self) -> int:
@@ -154,7 +139,7 @@ def _ln(m: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 
 def _layer(q, k, v, o: nn.Linear, ln1: nn.LayerNorm, up: nn.Linear, down: nn.Linear, ln2: nn.LayerNorm) -> LayerView:
-    return LayerView(FusedQKV(q, k, v), *_linear(o), *_ln(ln1), *_linear(up), *_linear(down), *_ln(ln2))
+    return LayerView(fused_qkv(q, k, v), *_linear(o), *_ln(ln1), *_linear(up), *_linear(down), *_ln(ln2))
 
 
 def _bert_layer(layer: nn.Module) -> LayerView:
@@ -245,7 +230,7 @@ def read_mpnet(model: nn.Module) -> EncoderView:
     """MPNet: positions counted from the pad id, no token types, one relative-bias table for all layers."""
     c, enc = model.config, model.encoder
     layers = tuple(map(_mpnet_layer, enc.layer))
-    table = RelativeBias(enc.relative_attention_bias.weight, lambda weight: _mpnet_table(enc, weight))
+    table = Derived(lambda weight: _mpnet_table(enc, weight), enc.relative_attention_bias.weight)
     return EncoderView(*_embeddings(model.embeddings, token_types=False), None, None, layers,
                        c.num_attention_heads, _gelu(c.hidden_act), False, model.embeddings.padding_idx, table)
 
