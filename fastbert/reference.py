@@ -32,6 +32,64 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Saved statistics (log-sum-exp, LayerNorm mean and rstd): fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- dropout
+# Philox4x32-10 as Triton's tl.rand draws it (triton/language/random.py), reproduced with int64
+# tensor arithmetic on 32-bit halves so it runs on any device: key (seed low, seed high 32 bits),
+# counter (offset low, offset high, 0, 0); the first output word, read as int32 and folded to
+# non-negative (x < 0 -> ~x), times 4.6566127342e-10 in fp32.
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_LOW32 = 0xFFFFFFFF
+
+
+def _mul_wide(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of the 64-bit product of the constant ``a`` and uint32 values ``x``."""
+    low_half, high_half = a * (x & 0xFFFF), a * (x >> 16)  # each below 2**48: exact in int64
+    return (high_half + (low_half >> 16)) >> 16, (((high_half & 0xFFFF) << 16) + low_half) & _LOW32
+
+
+def philox_uniform(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.rand(seed, offsets)``: fp32 uniforms in [0, 1), one per int64 offset; ``seed`` is int64 ``[1]``."""
+    seed = seed.to(torch.int64).reshape(())
+    k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
+    c0, c1 = offsets & _LOW32, (offsets >> 32) & _LOW32
+    c2 = c3 = torch.zeros_like(offsets)
+    for _ in range(10):
+        high_b, low_b = _mul_wide(_PHILOX_ROUND[1], c2)
+        high_a, low_a = _mul_wide(_PHILOX_ROUND[0], c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _LOW32, (k1 + _PHILOX_KEY[1]) & _LOW32
+    folded = torch.where(c0 >= 2**31, _LOW32 - c0, c0)  # int32 view, negatives to ~x
+    return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=offsets.device)
+
+
+def dropout_keep(seed: torch.Tensor, offsets: torch.Tensor, p: float) -> torch.Tensor:
+    """Which elements dropout keeps: uniform > p, compared in fp32 (as every kernel does)."""
+    return philox_uniform(seed, offsets) > torch.tensor(p, dtype=torch.float32, device=offsets.device)
+
+
+def _row_dropout(h: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """Dropout on ``[T, H]`` with the counter token · H + column; identity when p == 0."""
+    if p == 0:
+        return h
+    T, H = h.shape
+    offsets = torch.arange(T, device=h.device)[:, None] * H + torch.arange(H, device=h.device)
+    return h * dropout_keep(seed, offsets, p) / (1.0 - p)
+
+
+def check_dropout(p: float, seed: torch.Tensor | None) -> None:
+    """Raise naming the argument unless 0 <= p < 1 and, when p > 0, ``seed`` is an int64 ``[1]`` tensor."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    if p > 0 and (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1):
+        raise ValueError(f"seed must be an int64 tensor of one element when dropout_p > 0, got {seed!r}")
+
+
 def check_rel_bias(q: torch.Tensor, rel_bias: torch.Tensor | None, positions: torch.Tensor | None) -> None:
     """Raise a ValueError/TypeError naming the argument unless ``rel_bias`` (if given) is a float32
     ``[N, W]`` table with W odd, on q's device, and ``positions`` an int32 ``[T]`` vector there."""
@@ -84,9 +142,15 @@ def attention(
     the rows past ``cu_seqlens[-1]`` may hold any value. ``positions`` is unused without
     ``rel_bias``. The causal mask still compares ranks within the packed sequence.
     """
+    return _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, 0.0, None)[0]
+
+
+def _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed):
+    """(out, lse) of :func:`attention_train`, differentiable in q, k, v and rel_bias."""
     check_rel_bias(q, rel_bias, positions)
     out_dtype = q.dtype
     cdt = _compute_dtype(q.dtype)
+    T, heads = q.shape[0], q.shape[1]
     batch = cu_seqlens.numel() - 1
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     S = max(int(max_seqlen), 1)
@@ -112,11 +176,55 @@ def attention(
     if causal:
         allowed = allowed & (pos[None, :] <= pos[:, None])[None, None]
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with every key masked
+    # Rows with no visible key (every score -inf) give zeros and zero gradients, never NaN.
+    dead = (scores == float("-inf")).all(-1, keepdim=True)
+    scores = scores.masked_fill(dead, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(dead[..., 0], float("inf"))  # [B, N, S]
+    if dropout_p > 0:
+        rows = (cu_seqlens[:-1].long()[:, None] + pos[None, :])[:, None, :, None]  # [B, 1, Sq, 1] packed row
+        offsets = ((torch.arange(heads, device=q.device)[None, :, None, None] * T + rows) << 32) | pos
+        probs = probs * dropout_keep(seed, offsets, dropout_p) / (1.0 - dropout_p)
     out = torch.matmul(probs, vp).transpose(1, 2)  # [B, S, N, D]
     packed = unpad(out, index).to(out_dtype)
-    return torch.cat([packed, packed.new_zeros(q.shape[0] - real, *packed.shape[1:])])
+    packed_lse = torch.full((heads, T), float("inf"), dtype=_stats_dtype(q.dtype), device=q.device)
+    packed_lse[:, :real] = unpad(lse.transpose(1, 2), index).t().to(packed_lse.dtype)
+    return torch.cat([packed, packed.new_zeros(T - real, *packed.shape[1:])]), packed_lse
+
+
+def attention_train(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed):
+    """:func:`attention` with dropout on the probabilities, also returning the log-sum-exp.
+
+    Returns ``(out [T, N, D], lse [N, T])``. ``lse`` is fp32 (fp64 for fp64 inputs): for each
+    head and packed row, log Σ exp(score) over the visible keys, the scores being those the
+    softmax sees (scaled, relative and additive biases added), in natural log; +inf for rows
+    with no visible key and for dummy rows, so exp(score - lse) is 0 there.
+
+    With ``dropout_p`` > 0 each probability (after normalisation) is kept when
+    :func:`dropout_keep` says so for ``seed`` and the counter ((head · T + packed row) << 32) |
+    key index within its sequence, and kept ones are scaled by 1 / (1 - dropout_p).
+    """
+    return _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed)
+
+
+def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions,
+                       dropout_p, seed):
+    """Gradients of :func:`attention_train`'s ``out``: ``(dqkv [T, 3, N, D], d_rel_bias)``.
+
+    ``dqkv`` holds dq, dk, dv in one buffer, in q's dtype; rows that see no key and dummy rows
+    get zeros. ``d_rel_bias`` is fp32 ``[N, W]`` (fp64 for fp64 inputs), or empty ``[0]``
+    without ``rel_bias``. ``bias`` gets no gradient. (``out`` and ``lse`` are what a kernel
+    would save; recomputing by autograd here does not need them.)
+    """
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        table = None if rel_bias is None else rel_bias.detach().to(_stats_dtype(q.dtype)).requires_grad_()
+        res, _ = _attention(*leaves, cu_seqlens, max_seqlen, scale, causal, bias, table, positions, dropout_p, seed)
+        wrt = leaves + ([table] if table is not None else [])
+        grads = torch.autograd.grad(res, wrt, grad, allow_unused=True)
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+    dqkv = torch.stack(grads[:3], dim=1).to(q.dtype)
+    return dqkv, grads[3] if table is not None else q.new_zeros(0, dtype=torch.float32)
 
 
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -184,3 +292,122 @@ def pad(x: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torc
     out = x.new_zeros(batch * seqlen, *x.shape[1:])
     out[indices] = x
     return out.view(batch, seqlen, *x.shape[1:])
+
+
+# ----------------------------------------------------------------------------- training
+# Forward ops that also return what their backward needs, and the backward ops. Each backward
+# here recomputes its forward under autograd (obviously right; the kernels use the saved
+# statistics instead).
+
+
+def _grads(outputs, inputs, grad):
+    """torch.autograd.grad with zeros (not None) for inputs the outputs do not depend on."""
+    wanted = [t for t in inputs if t is not None]
+    found = iter(torch.autograd.grad(outputs, wanted, grad, allow_unused=True))
+    result = []
+    for t in inputs:
+        g = None if t is None else next(found)
+        result.append(None if t is None else (torch.zeros_like(t) if g is None else g))
+    return result
+
+
+def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().requires_grad_()
+
+
+def linear_gelu_train(x, weight, bias, approximate):
+    """(GELU(x Wᵀ + b), the pre-activation x Wᵀ + b) — the pre-activation is what the backward needs."""
+    pre = F.linear(x, weight, bias)
+    return gelu(pre.to(_compute_dtype(x.dtype)), approximate).to(x.dtype), pre
+
+
+def linear_gelu_backward(grad, x, weight, pre, approximate):
+    """(dx, dweight, dbias) of :func:`linear_gelu_train`: GELU′ at ``pre``, then the GEMMs."""
+    with torch.enable_grad():
+        p = _leaf(pre.to(_compute_dtype(pre.dtype)))
+        dpre = torch.autograd.grad(gelu(p, approximate), p, grad.to(p.dtype))[0].to(x.dtype)
+    return dpre @ weight, dpre.t() @ x, dpre.sum(0)
+
+
+def _layernorm(h, weight, ln_bias, eps):
+    """(LayerNorm(h) · weight + ln_bias, mean, rstd), all in h's dtype."""
+    mean = h.mean(-1)
+    rstd = torch.rsqrt(h.var(-1, unbiased=False) + eps)
+    return (h - mean[:, None]) * rstd[:, None] * weight.to(h.dtype) + ln_bias.to(h.dtype), mean, rstd
+
+
+def _add_layernorm(x, residual, bias, weight, ln_bias, eps, dropout_p, seed):
+    cdt = _compute_dtype(x.dtype)
+    h = x.to(cdt) if bias is None else x.to(cdt) + bias.to(cdt)
+    out, mean, rstd = _layernorm(_row_dropout(h, dropout_p, seed) + residual.to(cdt), weight, ln_bias, eps)
+    stats = _stats_dtype(x.dtype)
+    return out.to(x.dtype), mean.to(stats), rstd.to(stats)
+
+
+def add_layernorm_train(x, residual, bias, weight, ln_bias, eps, dropout_p, seed):
+    """LayerNorm(dropout(x + bias) + residual) · weight + ln_bias, and the fp32 mean and rstd ``[T]``.
+
+    Dropout keeps element (token, column) as :func:`dropout_keep` says for ``seed`` and the
+    counter token · H + column (kept ones scaled by 1 / (1 - dropout_p)).
+    """
+    check_dropout(dropout_p, seed)
+    return _add_layernorm(x, residual, bias, weight, ln_bias, eps, dropout_p, seed)
+
+
+def add_layernorm_backward(grad, x, residual, bias, weight, ln_bias, mean, rstd, eps, dropout_p, seed):
+    """(dx, dresidual, dbias, dweight, dln_bias) of :func:`add_layernorm_train`; dbias is empty ``[0]`` without bias."""
+    with torch.enable_grad():
+        leaves = [_leaf(t) for t in (x, residual, bias, weight, ln_bias)]
+        out = _add_layernorm(*leaves, eps, dropout_p, seed)[0]
+        dx, dres, dbias, dw, dlb = _grads(out, leaves, grad)
+    return dx, dres, x.new_zeros(0) if dbias is None else dbias, dw, dlb
+
+
+def _embeddings_sum(input_ids, position_ids, token_type_ids, word, position, token_type):
+    cdt = _compute_dtype(word.dtype)
+    return word[input_ids].to(cdt) + token_type[token_type_ids].to(cdt) + position[position_ids].to(cdt)
+
+
+def embed_layernorm_train(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
+                          token_type_embeddings, weight, ln_bias, eps, dropout_p, seed, word_padding_idx,
+                          position_padding_idx):
+    """dropout(:func:`embed_layernorm`), and the fp32 mean and rstd ``[T]``; counter token · E + column.
+
+    The padding indices (-1: none) only matter to the backward: they are the tables'
+    ``nn.Embedding.padding_idx``, whose row gets no gradient.
+    """
+    check_dropout(dropout_p, seed)
+    h = _embeddings_sum(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
+                        token_type_embeddings)
+    out, mean, rstd = _layernorm(h, weight, ln_bias, eps)
+    stats = _stats_dtype(word_embeddings.dtype)
+    return _row_dropout(out, dropout_p, seed).to(word_embeddings.dtype), mean.to(stats), rstd.to(stats)
+
+
+def table_grad(ids: torch.Tensor, grad: torch.Tensor, rows: int, padding_idx: int) -> torch.Tensor:
+    """Σ of ``grad``'s rows per id, ``[rows, E]``, the ``padding_idx`` row (if >= 0) zero.
+
+    Deterministic: ``index_put_`` with ``accumulate`` adds sequentially on CPU and after a sort
+    on CUDA (``index_add_`` uses atomics there).
+    """
+    out = grad.new_zeros(rows, grad.shape[1]).index_put_((ids.long(),), grad, accumulate=True)
+    if padding_idx >= 0:
+        out[padding_idx] = 0
+    return out
+
+
+def embed_layernorm_backward(grad, input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
+                             token_type_embeddings, weight, ln_bias, mean, rstd, eps, dropout_p, seed,
+                             word_padding_idx, position_padding_idx):
+    """(dword, dposition, dtoken_type, dweight, dln_bias) of :func:`embed_layernorm_train`."""
+    with torch.enable_grad():
+        # word + token type + position rows: each table's gradient is dh summed over its ids.
+        h = _embeddings_sum(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
+                            token_type_embeddings).detach().requires_grad_()
+        w, b = _leaf(weight), _leaf(ln_bias)
+        out = _row_dropout(_layernorm(h, w, b, eps)[0], dropout_p, seed)
+        dh, dw, db = _grads(out, [h, w, b], grad.to(h.dtype))
+    dtype = word_embeddings.dtype
+    return (table_grad(input_ids, dh, word_embeddings.shape[0], word_padding_idx).to(dtype),
+            table_grad(position_ids, dh, position_embeddings.shape[0], position_padding_idx).to(dtype),
+            table_grad(token_type_ids, dh, token_type_embeddings.shape[0], -1).to(dtype), dw, db)
