@@ -45,6 +45,9 @@ from fastbert import _compat
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
 OPS = ("linear", "attention", "linear_gelu", "add_layernorm", "embed_layernorm", "unpad", "pad")
+# The fused ops that train: each has a forward that saves what its backward needs, and a backward.
+TRAINED = ("attention", "linear_gelu", "add_layernorm", "embed_layernorm")
+TRAINING_OPS = tuple(f"{op}_{part}" for op in TRAINED for part in ("train", "backward"))
 DEVICE_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 ENV_VAR = "FASTBERT_BACKEND"
 
@@ -146,7 +149,7 @@ def plan(device: torch.device, backend: str | None = None, dtype: torch.dtype | 
     if "torch" not in modules:
         modules["torch"] = load("torch", device.type)
     result = {}
-    for op in OPS:
+    for op in OPS + TRAINING_OPS:
         result[op] = next(name for name, module in modules.items() if _implements(module, op, device.type, dtype))
     _plan_cache[key] = result
     return result
@@ -187,14 +190,25 @@ def _traced(op: str, backend: str) -> Callable:
     return lambda *args, **kwargs: custom_op(*args, **kwargs, backend=backend)
 
 
-def kernels(device: torch.device, dtype: torch.dtype, backend: str | None = None) -> Kernels:
+def kernels(device: torch.device, dtype: torch.dtype, backend: str | None = None, training: bool = False) -> Kernels:
     """The functions running each op for ``dtype`` weights on ``device``, as :func:`plan` chooses.
 
     Eager: each backend's own function, cached per (device type, dtype, choice, grad mode);
     with gradients off, compiled kernels are called without the dispatcher. While
-    ``torch.compile`` traces: the custom ops, with the chosen backend bound.
+    ``torch.compile`` traces: the custom ops, with the chosen backend bound. ``training``
+    (gradients or dropout wanted), eager or traced: the training ops with their autograd
+    (:func:`fastbert.ops.training_functions`), which also take dropout arguments.
     """
     chosen = plan(device, backend, dtype)
+    if training:
+        from fastbert import ops
+
+        if torch.compiler.is_compiling():
+            return Kernels(linear=F.linear, **ops.training_functions(chosen))
+        key = ("training", device.type, dtype, *chosen.values())
+        if key not in _kernels_cache:
+            _kernels_cache[key] = Kernels(linear=F.linear, **ops.training_functions(chosen))
+        return _kernels_cache[key]
     if torch.compiler.is_compiling():
         return Kernels(*(_traced(op, chosen[op]) for op in OPS))
     direct = not torch.is_grad_enabled()

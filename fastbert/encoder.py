@@ -31,6 +31,7 @@ import dataclasses
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
 
 from fastbert import backends, views
 
@@ -138,41 +139,58 @@ def _attention_bias(mask: torch.Tensor, batch: int, heads: int, seqlen: int, dty
 
 
 def _layer(k: backends.Kernels, w: views.LayerView, h, packing: Packing, bias, causal: bool, heads: int, gelu: str,
-           tracing: bool, relative=None):
+           fuse_in_graph: bool, relative=None, dropout: "_LayerDropout | None" = None):
     T, H = h.shape
-    w_qkv, b_qkv = w.qkv.traced() if tracing else w.qkv.get()
+    w_qkv, b_qkv = w.qkv.traced() if fuse_in_graph else w.qkv.get()
     q, key, v = k.linear(h, w_qkv, b_qkv).view(T, 3, heads, H // heads).unbind(1)
     scale = (H // heads) ** -0.5
-    if relative is None:
-        ctx = k.attention(q, key, v, packing.cu_seqlens, packing.max_seqlen, scale, causal, bias)
-    else:  # by keyword: a backend without them raises instead of binding them to something else
-        table, columns = relative
-        ctx = k.attention(q, key, v, packing.cu_seqlens, packing.max_seqlen, scale, causal, bias, rel_bias=table,
-                          positions=columns)
+    attention, ln1, ln2 = ({}, {}, {}) if dropout is None else dropout
+    if relative is not None:  # by keyword: a backend without them raises instead of binding them to something else
+        attention = dict(attention, rel_bias=relative[0], positions=relative[1])
+    ctx = k.attention(q, key, v, packing.cu_seqlens, packing.max_seqlen, scale, causal, bias, **attention)
     a = k.linear(ctx.view(T, H), w.out_weight)
-    h = k.add_layernorm(a, h, w.out_bias, w.ln1_weight, w.ln1_bias, w.ln1_eps)
+    h = k.add_layernorm(a, h, w.out_bias, w.ln1_weight, w.ln1_bias, w.ln1_eps, **ln1)
     i = k.linear_gelu(h, w.up_weight, w.up_bias, gelu)
     o = k.linear(i, w.down_weight)
-    return k.add_layernorm(o, h, w.down_bias, w.ln2_weight, w.ln2_bias, w.ln2_eps)
+    return k.add_layernorm(o, h, w.down_bias, w.ln2_weight, w.ln2_bias, w.ln2_eps, **ln2)
 
 
-class _NoBackward(torch.autograd.Function):
-    """Marks the fused forward's output: a backward through it raises.
+class _LayerDropout(NamedTuple):
+    """The dropout keyword arguments of a layer's three dropout sites (empty where p = 0)."""
 
-    The ops have no autograd formulas yet. PyTorch's default for registered ops without one only
-    warns and gives no gradients, and a Triton kernel's output is not connected at all: either
-    way the encoder's weights would go silently untrained. Taking a weight as an input makes the
-    mark part of the graph whenever the weights require gradients.
+    attention: dict
+    ln1: dict
+    ln2: dict
+
+
+def _rate(module) -> float:
+    """The p an HF dropout module applies now: its own, while it trains; 0 otherwise."""
+    return float(module.p) if module is not None and module.training else 0.0
+
+
+def _dropout_plan(view: views.EncoderView, device: torch.device) -> tuple[dict, list[_LayerDropout]] | None:
+    """Dropout keyword arguments for the embeddings and every layer, or None when every p is 0.
+
+    Each site with p > 0 gets its own seed, drawn from torch's generator for ``device`` (so
+    ``torch.manual_seed`` reproduces a run); the seeds are tensors, so a new one recompiles nothing.
     """
+    rates = [_rate(view.embedding_dropout)] + [
+        _rate(m) for layer in view.layers
+        for m in (layer.attention_dropout, layer.attention_output_dropout, layer.output_dropout)]
+    if not any(rates):
+        return None
+    seeds = torch.randint(0, 2**62, (len(rates),), device=device)
 
-    @staticmethod
-    def forward(ctx, x, weight):
-        return x.view_as(x)
+    def site(i: int) -> dict:
+        return {"dropout_p": rates[i], "seed": seeds[i:i + 1]} if rates[i] else {}
 
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError("fastbert's fused forward is inference-only and has no backward: call the model under "
-                           "torch.no_grad() (a transformers model in train mode runs its original forward)")
+    layers = [_LayerDropout(site(1 + 3 * n), site(2 + 3 * n), site(3 + 3 * n)) for n in range(len(view.layers))]
+    return site(0), layers
+
+
+def _checkpointed(layer: views.LayerView) -> bool:
+    """Whether HF's ``gradient_checkpointing_enable()`` asked this layer to recompute in the backward."""
+    return bool(getattr(layer.module, "gradient_checkpointing", False)) and layer.module.training
 
 
 class Batch:
@@ -338,7 +356,18 @@ def encode(
         packing = batch.packing(tokens, longest, exact=True)
 
     word = view.word_embeddings
-    k = backends.kernels(word.device, word.dtype, backend)
+    # Training ops (with autograd and dropout) when a weight wants a gradient or dropout is on;
+    # otherwise the inference kernels, called directly.
+    grad = torch.is_grad_enabled() and view.requires_grad()
+    dropout = _dropout_plan(view, word.device) if model.training else None
+    training = grad or dropout is not None
+    if grad and batch.bias is not None and batch.bias.requires_grad:
+        raise ValueError("attention_mask requires grad, but fastbert gives an additive mask no gradient; "
+                         "pass attention_mask.detach()")
+    k = backends.kernels(word.device, word.dtype, backend, training=training)
+    embedding_dropout = {} if not training else dict(
+        dropout[0] if dropout is not None else {}, word_padding_idx=view.word_padding_idx,
+        position_padding_idx=view.position_padding_idx)
     # Positions and token types of the packed rows, gathered (or computed) on the device.
     if batch.position_ids is not None:
         positions = k.unpad(batch.position_ids.contiguous(), packing.indices)
@@ -353,22 +382,25 @@ def encode(
     type_table = view.token_type_embeddings if view.token_type_embeddings is not None else _no_token_types(word)
     h = k.embed_layernorm(
         k.unpad(input_ids.contiguous(), packing.indices), positions, types,
-        word, view.position_embeddings, type_table, view.ln_weight, view.ln_bias, view.ln_eps,
+        word, view.position_embeddings, type_table, view.ln_weight, view.ln_bias, view.ln_eps, **embedding_dropout,
     )
     if view.projection_weight is not None:
         h = k.linear(h, view.projection_weight, view.projection_bias)
     relative = None
     if view.relative_bias is not None:  # the table over key - query distance, and each row's original column
-        table = view.relative_bias.traced() if tracing else view.relative_bias.get()
+        table = view.relative_bias.traced() if tracing or grad else view.relative_bias.get()
         relative = table, (packing.indices % max(batch.seqlen, 1)).to(torch.int32)
     states = [h] if output_hidden_states else None
-    for layer in view.layers:
-        h = _layer(k, layer, h, packing, batch.bias, batch.causal, view.heads, view.gelu, tracing, relative)
+    for n, layer in enumerate(view.layers):
+        # In training the fused Q/K/V weight is built in the graph, so Q, K and V get their gradients.
+        args = (k, layer, h, packing, batch.bias, batch.causal, view.heads, view.gelu, tracing or grad, relative,
+                None if dropout is None else dropout[1][n])
+        if grad and _checkpointed(layer):  # the seeds are inputs: the recomputation draws the same masks
+            h = torch.utils.checkpoint.checkpoint(_layer, *args, use_reentrant=False)
+        else:
+            h = _layer(*args)
         if states is not None:
             states.append(h)
     hidden_states = tuple(packing.pad(s, k) for s in states) if states is not None else None
     hidden = packing.pad(h, k)
-    if torch.is_grad_enabled():
-        hidden = _NoBackward.apply(hidden, word)
-        hidden_states = tuple(_NoBackward.apply(s, word) for s in hidden_states) if hidden_states is not None else None
     return hidden, hidden_states

@@ -141,8 +141,6 @@ def _fallback_reason(backbone: nn.Module, kwargs: dict, output_hidden_states) ->
             return f"{name}={'<tensor>' if isinstance(value, torch.Tensor) else repr(value)}"
     if output_hidden_states is not None and not isinstance(output_hidden_states, bool):
         return "output_hidden_states selecting layers by index"
-    if backbone.training:
-        return "training mode (fastbert runs inference only; call model.eval())"
     weights = views.encoder_view(backbone).word_embeddings
     device_type = weights.device.type
     if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) != weights.dtype:
@@ -190,7 +188,9 @@ def _fast_forward(self: nn.Module, *args, **kwargs):
         output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
     if input_ids is None:
         raise ValueError("input_ids is required (inputs_embeds runs the original forward)")
-    run = encoder.encode if state.graphs is None else state.graphs
+    # CUDA graphs replay inference only: a call that trains (or could) runs eagerly.
+    graphed = state.graphs is not None and not self.training and not torch.is_grad_enabled()
+    run = state.graphs if graphed else encoder.encode
     hidden, states = run(self, input_ids, attention_mask, token_type_ids, position_ids, backend=state.backend,
                          output_hidden_states=output_hidden_states)
     fields = dict(last_hidden_state=hidden, hidden_states=states)

@@ -216,15 +216,14 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
     without ``rel_bias``. ``bias`` gets no gradient. (``out`` and ``lse`` are what a kernel
     would save; recomputing by autograd here does not need them.)
     """
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        table = None if rel_bias is None else rel_bias.detach().to(_stats_dtype(q.dtype)).requires_grad_()
-        res, _ = _attention(*leaves, cu_seqlens, max_seqlen, scale, causal, bias, table, positions, dropout_p, seed)
-        wrt = leaves + ([table] if table is not None else [])
-        grads = torch.autograd.grad(res, wrt, grad, allow_unused=True)
-    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
-    dqkv = torch.stack(grads[:3], dim=1).to(q.dtype)
-    return dqkv, grads[3] if table is not None else q.new_zeros(0, dtype=torch.float32)
+    table = None if rel_bias is None else rel_bias.to(_stats_dtype(q.dtype))
+
+    def forward(q, k, v, table):
+        return _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, table, positions, dropout_p, seed)[0]
+
+    dq, dk, dv, d_table = vjp(forward, (q, k, v, table), grad)
+    dqkv = torch.stack((dq, dk, dv), dim=1).to(q.dtype)
+    return dqkv, d_table if table is not None else q.new_zeros(0, dtype=torch.float32)
 
 
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -300,19 +299,23 @@ def pad(x: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torc
 # statistics instead).
 
 
-def _grads(outputs, inputs, grad):
-    """torch.autograd.grad with zeros (not None) for inputs the outputs do not depend on."""
-    wanted = [t for t in inputs if t is not None]
-    found = iter(torch.autograd.grad(outputs, wanted, grad, allow_unused=True))
-    result = []
-    for t in inputs:
-        g = None if t is None else next(found)
-        result.append(None if t is None else (torch.zeros_like(t) if g is None else g))
-    return result
+def vjp(fn, inputs: tuple, grad: torch.Tensor) -> list:
+    """Gradients of ``fn(*inputs)`` against ``grad`` for each input (None stays None).
 
+    Through ``torch.func.vjp``: it differentiates inside a custom op's implementation too, where
+    the autograd dispatch keys are excluded.
+    """
+    given = [i for i, t in enumerate(inputs) if t is not None]
 
-def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().requires_grad_()
+    def over_given(*tensors):
+        full = list(inputs)
+        for i, t in zip(given, tensors):
+            full[i] = t
+        return fn(*full)
+
+    out, pullback = torch.func.vjp(over_given, *(inputs[i] for i in given))
+    grads = iter(pullback(grad.to(out.dtype)))
+    return [next(grads) if t is not None else None for t in inputs]
 
 
 def linear_gelu_train(x, weight, bias, approximate):
@@ -323,9 +326,8 @@ def linear_gelu_train(x, weight, bias, approximate):
 
 def linear_gelu_backward(grad, x, weight, pre, approximate):
     """(dx, dweight, dbias) of :func:`linear_gelu_train`: GELU′ at ``pre``, then the GEMMs."""
-    with torch.enable_grad():
-        p = _leaf(pre.to(_compute_dtype(pre.dtype)))
-        dpre = torch.autograd.grad(gelu(p, approximate), p, grad.to(p.dtype))[0].to(x.dtype)
+    (dpre,) = vjp(lambda p: gelu(p, approximate), (pre.to(_compute_dtype(pre.dtype)),), grad)
+    dpre = dpre.to(x.dtype)
     return dpre @ weight, dpre.t() @ x, dpre.sum(0)
 
 
@@ -356,10 +358,12 @@ def add_layernorm_train(x, residual, bias, weight, ln_bias, eps, dropout_p, seed
 
 def add_layernorm_backward(grad, x, residual, bias, weight, ln_bias, mean, rstd, eps, dropout_p, seed):
     """(dx, dresidual, dbias, dweight, dln_bias) of :func:`add_layernorm_train`; dbias is empty ``[0]`` without bias."""
-    with torch.enable_grad():
-        leaves = [_leaf(t) for t in (x, residual, bias, weight, ln_bias)]
-        out = _add_layernorm(*leaves, eps, dropout_p, seed)[0]
-        dx, dres, dbias, dw, dlb = _grads(out, leaves, grad)
+    def forward(*tensors):
+        return _add_layernorm(*tensors, eps, dropout_p, seed)[0]
+
+    dx, dres, dbias, dw, dlb = vjp(forward, (x, residual, bias, weight, ln_bias), grad)
+    if dres.data_ptr() == dx.data_ptr():  # one tensor without dropout; an op's outputs must not alias
+        dres = dres.clone()
     return dx, dres, x.new_zeros(0) if dbias is None else dbias, dw, dlb
 
 
@@ -400,13 +404,11 @@ def embed_layernorm_backward(grad, input_ids, position_ids, token_type_ids, word
                              token_type_embeddings, weight, ln_bias, mean, rstd, eps, dropout_p, seed,
                              word_padding_idx, position_padding_idx):
     """(dword, dposition, dtoken_type, dweight, dln_bias) of :func:`embed_layernorm_train`."""
-    with torch.enable_grad():
-        # word + token type + position rows: each table's gradient is dh summed over its ids.
-        h = _embeddings_sum(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
-                            token_type_embeddings).detach().requires_grad_()
-        w, b = _leaf(weight), _leaf(ln_bias)
-        out = _row_dropout(_layernorm(h, w, b, eps)[0], dropout_p, seed)
-        dh, dw, db = _grads(out, [h, w, b], grad.to(h.dtype))
+    # word + token type + position rows: each table's gradient is dh summed over its ids.
+    h = _embeddings_sum(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
+                        token_type_embeddings)
+    dh, dw, db = vjp(lambda h, w, b: _row_dropout(_layernorm(h, w, b, eps)[0], dropout_p, seed),
+                     (h, weight, ln_bias), grad)
     dtype = word_embeddings.dtype
     return (table_grad(input_ids, dh, word_embeddings.shape[0], word_padding_idx).to(dtype),
             table_grad(position_ids, dh, position_embeddings.shape[0], position_padding_idx).to(dtype),

@@ -105,6 +105,17 @@ class LayerView(NamedTuple):
     ln2_weight: torch.Tensor
     ln2_bias: torch.Tensor
     ln2_eps: float
+    # The HF modules whose p (while they train) the fused path applies: on the attention
+    # probabilities, on the attention output before LN1, on the FFN output before LN2 (None: none).
+    attention_dropout: nn.Module | None = None
+    attention_output_dropout: nn.Module | None = None
+    output_dropout: nn.Module | None = None
+    module: nn.Module | None = None  # the HF layer: its ``gradient_checkpointing`` flag is honoured
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every parameter the layer reads (the Q/K/V sources, not their fused copy)."""
+        return (*self.qkv.sources, self.out_weight, self.out_bias, self.ln1_weight, self.ln1_bias, self.up_weight,
+                self.up_bias, self.down_weight, self.down_bias, self.ln2_weight, self.ln2_bias)
 
 
 class EncoderView(NamedTuple):
@@ -122,6 +133,17 @@ class EncoderView(NamedTuple):
     causal: bool
     padding_idx: int | None  # None: positions are column numbers; else HF's count of non-pad ids from it
     relative_bias: Derived | None  # fp32 [heads, 2R + 1] over clamp(key - query, -R, R) + R
+    embedding_dropout: nn.Module | None = None  # after the embedding LayerNorm (before the projection)
+    word_padding_idx: int = -1  # the tables' nn.Embedding padding_idx (-1: none): that row gets no gradient
+    position_padding_idx: int = -1
+
+    def requires_grad(self) -> bool:
+        """Whether any weight the encoder reads requires a gradient."""
+        tables = (self.word_embeddings, self.position_embeddings, self.token_type_embeddings, self.ln_weight,
+                  self.ln_bias, self.projection_weight, self.projection_bias,
+                  *(self.relative_bias.sources if self.relative_bias is not None else ()))
+        return any(t is not None and t.requires_grad for t in tables) or any(
+            t.requires_grad for layer in self.layers for t in layer.tensors())
 
     @property
     def max_length(self) -> int:
@@ -138,14 +160,22 @@ def _ln(m: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
     return m.weight, m.bias, m.eps
 
 
-def _layer(q, k, v, o: nn.Linear, ln1: nn.LayerNorm, up: nn.Linear, down: nn.Linear, ln2: nn.LayerNorm) -> LayerView:
-    return LayerView(fused_qkv(q, k, v), *_linear(o), *_ln(ln1), *_linear(up), *_linear(down), *_ln(ln2))
+def _layer(q, k, v, o: nn.Linear, ln1: nn.LayerNorm, up: nn.Linear, down: nn.Linear, ln2: nn.LayerNorm,
+           dropouts: tuple = (None, None, None), module: nn.Module | None = None) -> LayerView:
+    return LayerView(fused_qkv(q, k, v), *_linear(o), *_ln(ln1), *_linear(up), *_linear(down), *_ln(ln2), *dropouts,
+                     module)
+
+
+def _dropout(module: nn.Module, name: str = "dropout") -> nn.Module | None:
+    """``module.<name>`` (an nn.Dropout), or None where the tree has none (fastbert.Bert)."""
+    return getattr(module, name, None) if isinstance(module, nn.Module) else None
 
 
 def _bert_layer(layer: nn.Module) -> LayerView:
     attn, out = layer.attention.self, layer.attention.output
     return _layer(attn.query, attn.key, attn.value, out.dense, out.LayerNorm, layer.intermediate.dense,
-                  layer.output.dense, layer.output.LayerNorm)
+                  layer.output.dense, layer.output.LayerNorm,
+                  (_dropout(attn), _dropout(out), _dropout(layer.output)), layer)
 
 
 def _gelu(name, key: str = "hidden_act") -> str:
@@ -160,11 +190,21 @@ def _embeddings(emb: nn.Module, token_types: bool = True) -> tuple:
     return (emb.word_embeddings.weight, emb.position_embeddings.weight, types, *_ln(emb.LayerNorm))
 
 
+def _with_embedding_training(view: "EncoderView", emb: nn.Module) -> "EncoderView":
+    """The view with the embeddings' dropout and the tables' padding rows."""
+    def padding(table: nn.Embedding) -> int:
+        return -1 if table.padding_idx is None else table.padding_idx
+
+    return view._replace(embedding_dropout=_dropout(emb), word_padding_idx=padding(emb.word_embeddings),
+                         position_padding_idx=padding(emb.position_embeddings))
+
+
 def read_bert(model: nn.Module) -> EncoderView:
     """BERT (HF ``BertModel`` and :class:`fastbert.Bert`): positions are column numbers."""
     c = model.config
-    return EncoderView(*_embeddings(model.embeddings), None, None, tuple(map(_bert_layer, model.encoder.layer)),
+    view = EncoderView(*_embeddings(model.embeddings), None, None, tuple(map(_bert_layer, model.encoder.layer)),
                        c.num_attention_heads, _gelu(c.hidden_act), bool(c.is_decoder), None, None)
+    return _with_embedding_training(view, model.embeddings)
 
 
 def read_roberta(model: nn.Module) -> EncoderView:
@@ -181,9 +221,9 @@ def read_electra(model: nn.Module) -> EncoderView:
 
 
 def _albert_layer(layer: nn.Module) -> LayerView:
-    a = layer.attention
+    a = layer.attention  # ALBERT's FFN output goes into LN2 without dropout (HF defines one, unused)
     return _layer(a.query, a.key, a.value, a.dense, a.LayerNorm, layer.ffn, layer.ffn_output,
-                  layer.full_layer_layer_norm)
+                  layer.full_layer_layer_norm, (a.attention_dropout, a.output_dropout, None), layer)
 
 
 def read_albert(model: nn.Module) -> EncoderView:
@@ -192,18 +232,22 @@ def read_albert(model: nn.Module) -> EncoderView:
     groups = [tuple(map(_albert_layer, group.albert_layers)) for group in enc.albert_layer_groups]
     L, G = c.num_hidden_layers, len(groups)
     layers = tuple(v for i in range(L) for v in groups[int(i / (L / G))])
-    return EncoderView(*_embeddings(model.embeddings), *_linear(enc.embedding_hidden_mapping_in), layers,
+    view = EncoderView(*_embeddings(model.embeddings), *_linear(enc.embedding_hidden_mapping_in), layers,
                        c.num_attention_heads, _gelu(c.hidden_act), False, None, None)
+    return _with_embedding_training(view, model.embeddings)
 
 
 def read_distilbert(model: nn.Module) -> EncoderView:
     """DistilBERT: no token types, column positions, its own layer names."""
     c = model.config
+    # DistilBERT's attention output goes into LN1 without dropout.
     layers = tuple(_layer(b.attention.q_lin, b.attention.k_lin, b.attention.v_lin, b.attention.out_lin,
-                          b.sa_layer_norm, b.ffn.lin1, b.ffn.lin2, b.output_layer_norm)
+                          b.sa_layer_norm, b.ffn.lin1, b.ffn.lin2, b.output_layer_norm,
+                          (b.attention.dropout, None, b.ffn.dropout), b)
                    for b in model.transformer.layer)
-    return EncoderView(*_embeddings(model.embeddings, token_types=False), None, None, layers,
+    view = EncoderView(*_embeddings(model.embeddings, token_types=False), None, None, layers,
                        c.num_attention_heads, _gelu(c.activation, "activation"), False, None, None)
+    return _with_embedding_training(view, model.embeddings)
 
 
 # The relative distances MPNet's table covers: its buckets saturate well inside +-128 (from +-91).
@@ -223,7 +267,7 @@ def _mpnet_table(encoder: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 def _mpnet_layer(layer: nn.Module) -> LayerView:
     a = layer.attention
     return _layer(a.attn.q, a.attn.k, a.attn.v, a.attn.o, a.LayerNorm, layer.intermediate.dense, layer.output.dense,
-                  layer.output.LayerNorm)
+                  layer.output.LayerNorm, (a.attn.dropout, a.dropout, layer.output.dropout), layer)
 
 
 def read_mpnet(model: nn.Module) -> EncoderView:
@@ -231,8 +275,9 @@ def read_mpnet(model: nn.Module) -> EncoderView:
     c, enc = model.config, model.encoder
     layers = tuple(map(_mpnet_layer, enc.layer))
     table = Derived(lambda weight: _mpnet_table(enc, weight), enc.relative_attention_bias.weight)
-    return EncoderView(*_embeddings(model.embeddings, token_types=False), None, None, layers,
+    view = EncoderView(*_embeddings(model.embeddings, token_types=False), None, None, layers,
                        c.num_attention_heads, _gelu(c.hidden_act), False, model.embeddings.padding_idx, table)
+    return _with_embedding_training(view, model.embeddings)
 
 
 class Family(NamedTuple):

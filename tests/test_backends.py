@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 def test_every_op_gets_a_backend():
     plan = backends.plan(CPU, "torch")
-    assert set(plan) == set(backends.OPS) and set(plan.values()) == {"torch"}
+    assert set(plan) == set(backends.OPS + backends.TRAINING_OPS) and set(plan.values()) == {"torch"}
 
 
 def test_precedence_argument_context_environment(monkeypatch):

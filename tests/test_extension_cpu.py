@@ -241,11 +241,11 @@ def test_unpad_and_pad(trailing, dtype, kernel_device):
 def test_cpu_plan_uses_the_extension_for_every_op():
     assert extension.unavailable_reason("cpu") is None
     plan = backends.plan(torch.device("cpu"), "cpp")
-    assert plan == {op: "cpp" for op in backends.OPS}
+    assert plan == {op: "cpp" for op in backends.OPS + backends.TRAINING_OPS}
 
 
 def test_cuda_plan_has_no_extension_attention():
     assert not extension.implements("attention", "cuda")
-    assert all(extension.implements(op, "cpu") for op in backends.OPS)
+    assert all(extension.implements(op, "cpu") for op in backends.OPS + backends.TRAINING_OPS)
     if not extension.WITH_CUDA:
         assert extension.unavailable_reason("cuda") == "fastbert._C was built without CUDA"
