@@ -20,6 +20,7 @@ N = heads, D = head dim):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -92,12 +93,13 @@ def check_dropout(p: float, seed: torch.Tensor | None) -> None:
 
 def check_rel_bias(q: torch.Tensor, rel_bias: torch.Tensor | None, positions: torch.Tensor | None) -> None:
     """Raise a ValueError/TypeError naming the argument unless ``rel_bias`` (if given) is a float32
-    ``[N, W]`` table with W odd, on q's device, and ``positions`` an int32 ``[T]`` vector there."""
+    (with float64 q: float64) ``[N, W]`` table with W odd, on q's device, and ``positions`` an int32 ``[T]`` vector there."""
     if rel_bias is None:
         return
     T, N = q.shape[0], q.shape[1]
-    if not isinstance(rel_bias, torch.Tensor) or rel_bias.dtype != torch.float32:
-        raise TypeError(f"rel_bias must be a float32 tensor, got {getattr(rel_bias, 'dtype', type(rel_bias))}")
+    if not isinstance(rel_bias, torch.Tensor) or rel_bias.dtype not in (torch.float32, _stats_dtype(q.dtype)):
+        raise TypeError(f"rel_bias must be a float32 tensor (float64 with float64 q), got "
+                        f"{getattr(rel_bias, 'dtype', type(rel_bias))}")
     if rel_bias.dim() != 2 or rel_bias.shape[0] != N or rel_bias.shape[1] % 2 != 1:
         raise ValueError(f"rel_bias must be [heads, 2R + 1] = [{N}, odd], got {tuple(rel_bias.shape)}")
     if rel_bias.device != q.device:
@@ -142,13 +144,32 @@ def attention(
     the rows past ``cu_seqlens[-1]`` may hold any value. ``positions`` is unused without
     ``rel_bias``. The causal mask still compares ranks within the packed sequence.
     """
-    return _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, 0.0, None)[0]
+    return attention_train(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, 0.0, None)[0]
 
 
-def _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed):
-    """(out, lse) of :func:`attention_train`, differentiable in q, k, v and rel_bias."""
+class _Padded(NamedTuple):
+    """The packed attention problem laid out padded, ``[B, N, S, ...]``, in the compute dtype."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    probs: torch.Tensor  # softmax probabilities before dropout, 0 where masked and on rows that see no key
+    lse: torch.Tensor  # [B, N, S]: +inf on rows that see no key
+    dropped: torch.Tensor | float  # the dropout factor on each probability: keep / (1 - p), or 1.0
+    distance: torch.Tensor | None  # [B, Sq, Sk] column of rel_bias each pair reads
+    index: torch.Tensor  # flat [B * S] position of each packed row
+    T: int
+
+    def packed(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, N, S, D]`` back to ``[T, N, D]`` (dummy rows zero)."""
+        rows = unpad(x.transpose(1, 2), self.index).to(dtype)
+        return torch.cat([rows, rows.new_zeros(self.T - rows.shape[0], *rows.shape[1:])])
+
+
+def _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p,
+               seed) -> _Padded:
+    """The softmax of :func:`attention_train` computed on a padded layout."""
     check_rel_bias(q, rel_bias, positions)
-    out_dtype = q.dtype
     cdt = _compute_dtype(q.dtype)
     T, heads = q.shape[0], q.shape[1]
     batch = cu_seqlens.numel() - 1
@@ -165,6 +186,7 @@ def _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, p
 
     qp, kp, vp = padded(q[:real]), padded(k[:real]), padded(v[:real])
     scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale  # [B, N, S, S]
+    distance = None
     if rel_bias is not None:
         radius = (rel_bias.shape[1] - 1) // 2
         columns = pad(positions[:real].long(), index, batch, S)  # [B, S]
@@ -181,15 +203,12 @@ def _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, p
     scores = scores.masked_fill(dead, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
     lse = torch.logsumexp(scores, dim=-1).masked_fill(dead[..., 0], float("inf"))  # [B, N, S]
+    dropped = 1.0
     if dropout_p > 0:
         rows = (cu_seqlens[:-1].long()[:, None] + pos[None, :])[:, None, :, None]  # [B, 1, Sq, 1] packed row
         offsets = ((torch.arange(heads, device=q.device)[None, :, None, None] * T + rows) << 32) | pos
-        probs = probs * dropout_keep(seed, offsets, dropout_p) / (1.0 - dropout_p)
-    out = torch.matmul(probs, vp).transpose(1, 2)  # [B, S, N, D]
-    packed = unpad(out, index).to(out_dtype)
-    packed_lse = torch.full((heads, T), float("inf"), dtype=_stats_dtype(q.dtype), device=q.device)
-    packed_lse[:, :real] = unpad(lse.transpose(1, 2), index).t().to(packed_lse.dtype)
-    return torch.cat([packed, packed.new_zeros(T - real, *packed.shape[1:])]), packed_lse
+        dropped = dropout_keep(seed, offsets, dropout_p) / (1.0 - dropout_p)
+    return _Padded(qp, kp, vp, probs, lse, dropped, distance, index, T)
 
 
 def attention_train(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed):
@@ -204,7 +223,12 @@ def attention_train(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bi
     :func:`dropout_keep` says so for ``seed`` and the counter ((head · T + packed row) << 32) |
     key index within its sequence, and kept ones are scaled by 1 / (1 - dropout_p).
     """
-    return _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed)
+    check_dropout(dropout_p, seed)
+    t = _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed)
+    out = t.packed(torch.matmul(t.probs * t.dropped, t.v), q.dtype)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=_stats_dtype(q.dtype), device=q.device)
+    lse[:, :t.index.numel()] = unpad(t.lse.transpose(1, 2), t.index).t().to(lse.dtype)
+    return out, lse
 
 
 def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions,
@@ -216,14 +240,22 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
     without ``rel_bias``. ``bias`` gets no gradient. (``out`` and ``lse`` are what a kernel
     would save; recomputing by autograd here does not need them.)
     """
-    table = None if rel_bias is None else rel_bias.to(_stats_dtype(q.dtype))
-
-    def forward(q, k, v, table):
-        return _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, table, positions, dropout_p, seed)[0]
-
-    dq, dk, dv, d_table = vjp(forward, (q, k, v, table), grad)
-    dqkv = torch.stack((dq, dk, dv), dim=1).to(q.dtype)
-    return dqkv, d_table if table is not None else q.new_zeros(0, dtype=torch.float32)
+    t = _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed)
+    batch, S = t.q.shape[0], t.q.shape[2]
+    g = pad(grad[:t.index.numel()].to(t.q.dtype), t.index, batch, S).transpose(1, 2)  # [B, N, S, D]
+    dv = torch.matmul((t.probs * t.dropped).transpose(-1, -2), g)
+    dprobs = torch.matmul(g, t.v.transpose(-1, -2)) * t.dropped  # through the dropout
+    # softmax: dS = P (dP - rowsum(P dP)); rowsum(P dP) = dO . O, O being the dropped output.
+    ds = t.probs * (dprobs - (t.probs * dprobs).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, t.k) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), t.q) * scale
+    dqkv = torch.stack([t.packed(d, q.dtype) for d in (dq, dk, dv)], dim=1)
+    if rel_bias is None:
+        return dqkv, q.new_zeros(0, dtype=torch.float32)
+    # Each pair's dS lands in the table column its distance reads (the bias is added unscaled).
+    heads = q.shape[1]
+    flat = ds.transpose(0, 1).reshape(heads, -1).to(rel_bias.dtype)
+    return dqkv, torch.zeros_like(rel_bias).index_add_(1, t.distance.reshape(-1), flat)
 
 
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -299,23 +331,30 @@ def pad(x: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torc
 # statistics instead).
 
 
-def vjp(fn, inputs: tuple, grad: torch.Tensor) -> list:
-    """Gradients of ``fn(*inputs)`` against ``grad`` for each input (None stays None).
+def gelu_grad(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """d GELU(x) / dx: Φ(x) + x φ(x), or the tanh form's derivative."""
+    if approximate == "none":
+        return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    if approximate == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(c * (x + 0.044715 * x**3))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+    raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
 
-    Through ``torch.func.vjp``: it differentiates inside a custom op's implementation too, where
-    the autograd dispatch keys are excluded.
-    """
-    given = [i for i, t in enumerate(inputs) if t is not None]
 
-    def over_given(*tensors):
-        full = list(inputs)
-        for i, t in zip(given, tensors):
-            full[i] = t
-        return fn(*full)
+def _layernorm_backward(grad, h, weight, mean, rstd):
+    """(dh, dweight, dln_bias) of LayerNorm(h) · weight + ln_bias, from the saved mean and rstd."""
+    xhat = (h - mean[:, None].to(h.dtype)) * rstd[:, None].to(h.dtype)
+    g = grad.to(h.dtype)
+    dxhat = g * weight.to(h.dtype)
+    dh = rstd[:, None].to(h.dtype) * (dxhat - dxhat.mean(-1, keepdim=True)
+                                      - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return dh, (g * xhat).sum(0).to(weight.dtype), g.sum(0).to(weight.dtype)
 
-    out, pullback = torch.func.vjp(over_given, *(inputs[i] for i in given))
-    grads = iter(pullback(grad.to(out.dtype)))
-    return [next(grads) if t is not None else None for t in inputs]
+
+def _dropout_factor(shape, device, p: float, seed) -> torch.Tensor | float:
+    """keep / (1 - p) per element of a ``[T, H]`` tensor (counter token · H + column), or 1.0 at p = 0."""
+    return 1.0 if p == 0 else _row_dropout(torch.ones(shape, device=device), p, seed)
 
 
 def linear_gelu_train(x, weight, bias, approximate):
@@ -326,8 +365,8 @@ def linear_gelu_train(x, weight, bias, approximate):
 
 def linear_gelu_backward(grad, x, weight, pre, approximate):
     """(dx, dweight, dbias) of :func:`linear_gelu_train`: GELU′ at ``pre``, then the GEMMs."""
-    (dpre,) = vjp(lambda p: gelu(p, approximate), (pre.to(_compute_dtype(pre.dtype)),), grad)
-    dpre = dpre.to(x.dtype)
+    cdt = _compute_dtype(pre.dtype)
+    dpre = (grad.to(cdt) * gelu_grad(pre.to(cdt), approximate)).to(x.dtype)
     return dpre @ weight, dpre.t() @ x, dpre.sum(0)
 
 
@@ -358,13 +397,13 @@ def add_layernorm_train(x, residual, bias, weight, ln_bias, eps, dropout_p, seed
 
 def add_layernorm_backward(grad, x, residual, bias, weight, ln_bias, mean, rstd, eps, dropout_p, seed):
     """(dx, dresidual, dbias, dweight, dln_bias) of :func:`add_layernorm_train`; dbias is empty ``[0]`` without bias."""
-    def forward(*tensors):
-        return _add_layernorm(*tensors, eps, dropout_p, seed)[0]
-
-    dx, dres, dbias, dw, dlb = vjp(forward, (x, residual, bias, weight, ln_bias), grad)
-    if dres.data_ptr() == dx.data_ptr():  # one tensor without dropout; an op's outputs must not alias
-        dres = dres.clone()
-    return dx, dres, x.new_zeros(0) if dbias is None else dbias, dw, dlb
+    cdt = _compute_dtype(x.dtype)
+    factor = _dropout_factor(x.shape, x.device, dropout_p, seed)
+    h = (x.to(cdt) if bias is None else x.to(cdt) + bias.to(cdt)) * factor + residual.to(cdt)
+    dh, dweight, dln_bias = _layernorm_backward(grad, h, weight, mean, rstd)
+    dx = dh * factor
+    dbias = x.new_zeros(0) if bias is None else dx.sum(0).to(bias.dtype)
+    return dx.to(x.dtype), dh.to(residual.dtype), dbias, dweight, dln_bias
 
 
 def _embeddings_sum(input_ids, position_ids, token_type_ids, word, position, token_type):
@@ -407,8 +446,8 @@ def embed_layernorm_backward(grad, input_ids, position_ids, token_type_ids, word
     # word + token type + position rows: each table's gradient is dh summed over its ids.
     h = _embeddings_sum(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
                         token_type_embeddings)
-    dh, dw, db = vjp(lambda h, w, b: _row_dropout(_layernorm(h, w, b, eps)[0], dropout_p, seed),
-                     (h, weight, ln_bias), grad)
+    factor = _dropout_factor(h.shape, h.device, dropout_p, seed)
+    dh, dw, db = _layernorm_backward(grad.to(h.dtype) * factor, h, weight, mean, rstd)
     dtype = word_embeddings.dtype
     return (table_grad(input_ids, dh, word_embeddings.shape[0], word_padding_idx).to(dtype),
             table_grad(position_ids, dh, position_embeddings.shape[0], position_padding_idx).to(dtype),
