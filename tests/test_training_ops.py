@@ -54,8 +54,7 @@ def _attention(backend="torch"):
 # ----------------------------------------------------------------------------- gradcheck (torch backend)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("causal,p", [(False, 0.0), (True, 0.3)])
 def test_attention_gradcheck(causal, p):
     q, k, v, cu = _packed([3, 0, 5, 1], heads=2, head_dim=4, dummy=2)
     table = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
