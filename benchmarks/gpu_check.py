@@ -39,7 +39,7 @@ CALLS = ("tests", "kernels", "models")
 # and logs-CALL.tar.gz; gpu_check.sh's steps write them under these names.
 RESULT_FILES = {
     "tests": ("tests-junit.xml", "tests.log"),
-    "kernels": ("kernels-float16.json", "kernels-bfloat16.json"),
+    "kernels": ("kernels-float16.json", "kernels-bfloat16.json", "training.json"),
     "models": ("host-overhead.json", "models-grid.json", "models-bf16.json", "models-report.md"),
 }
 OK = ("ok",)
@@ -145,7 +145,7 @@ def tests_headline(results: Path) -> tuple[list[str], dict]:
 
 def kernels_headline(results: Path) -> tuple[list[str], dict]:
     lines, data = [], {}
-    for name in RESULT_FILES["kernels"]:
+    for name in ("kernels-float16.json", "kernels-bfloat16.json"):
         record = _load_json(results / name)
         if record is None:
             lines.append(f"{name}: missing or not JSON")
@@ -189,6 +189,15 @@ def kernels_headline(results: Path) -> tuple[list[str], dict]:
             lines.append(f"  {op} {shape}: " + " | ".join(cells))
         data[name] = {"dtype": record.get("dtype"), "finished": record.get("finished"), "ceilings": c,
                       "cases": summary}
+    training = _load_json(results / "training.json")
+    data["training.json"] = training and [
+        {k: r.get(k) for k in ("workload", "dtype", "batch", "seq_len", "real_fill", "impl", "median_ms", "speedup")}
+        for r in training.get("records", [])]
+    if training is None:
+        lines.append("training.json: missing or not JSON")
+    for r in data["training.json"] or []:
+        lines.append(f"  training {r['workload']} {r['dtype']} {r['batch']}x{r['seq_len']} fill {r['real_fill']:.2f} "
+                     f"{r['impl']}: {r['median_ms']:.1f} ms per step, {r['speedup']:.2f}x HF SDPA")
     return lines, data
 
 

@@ -3,7 +3,7 @@
 # 10 minutes, each bringing back at most 8 files:
 #
 #   bash benchmarks/gpu_check.sh tests   RESULTS_DIR   # install (CUDA extension for sm_90) + the test suite on CUDA
-#   bash benchmarks/gpu_check.sh kernels RESULTS_DIR   # op microbenchmarks: fp16 with the tile sweep, then bf16
+#   bash benchmarks/gpu_check.sh kernels RESULTS_DIR   # op microbenchmarks (fp16 with the tile sweep, bf16), training steps
 #   bash benchmarks/gpu_check.sh models  RESULTS_DIR   # model benchmarks on a grid that fits one call
 #
 #   bash benchmarks/gpu_check.sh --dry-run CALL RESULTS_DIR   # (or DRY_RUN=1) every step of CALL on the CPU
@@ -17,7 +17,8 @@
 #
 # What each call writes at the top of RESULTS_DIR (the logs of every step go in the tarball):
 #   tests    summary-tests.{txt,json}, tests-junit.xml, tests.log, logs-tests.tar.gz
-#   kernels  summary-kernels.{txt,json}, kernels-float16.json, kernels-bfloat16.json, logs-kernels.tar.gz
+#   kernels  summary-kernels.{txt,json}, kernels-float16.json, kernels-bfloat16.json, training.json,
+#            logs-kernels.tar.gz
 #   models   summary-models.{txt,json}, host-overhead.json, models-grid.json, models-bf16.json, models-report.md,
 #            logs-models.tar.gz
 #
@@ -179,10 +180,15 @@ run_kernels() {
         export TRITON_INTERPRET=1
         common+=(--tiny --rounds 3)
     fi
-    step kernels-float16 300 "$PYTHON" -m benchmarks.kernels "${common[@]}" --dtype float16 --sweep \
+    local training=(--workload bert-base --dtype float16,bfloat16 --shapes 32x128 --fills 0.5,full --budget 5)
+    [ "$DRY_RUN" = 1 ] && training=(--workload minilm --dtype float32 --shapes 2x16 --fills 0.5 --budget 0)
+    step kernels-float16 270 "$PYTHON" -m benchmarks.kernels "${common[@]}" --dtype float16 --sweep \
         --out "$RESULTS/kernels-float16.json"
     step kernels-bfloat16 150 "$PYTHON" -m benchmarks.kernels "${common[@]}" --dtype bfloat16 \
         --out "$RESULTS/kernels-bfloat16.json"
+    # Training steps (forward + backward + AdamW) against HF SDPA: BERT-base fine-tuning shapes.
+    step training 90 "$PYTHON" -m benchmarks.training --device "$DEVICE" "${training[@]}" \
+        --out "$RESULTS/training.json"
 }
 
 # The model grid, sized for one call (a prediction until a GPU run measures it): BERT-base, the

