@@ -430,10 +430,15 @@ def embed_layernorm_train(input_ids, position_ids, token_type_ids, word_embeddin
 def table_grad(ids: torch.Tensor, grad: torch.Tensor, rows: int, padding_idx: int) -> torch.Tensor:
     """Σ of ``grad``'s rows per id, ``[rows, E]``, the ``padding_idx`` row (if >= 0) zero.
 
-    Deterministic: ``index_put_`` with ``accumulate`` adds sequentially on CPU and after a sort
-    on CUDA (``index_add_`` uses atomics there).
+    Deterministic: on CPU ``index_add_`` adds the rows in order (``index_put_`` with
+    ``accumulate`` does not: its bits vary between calls there); on CUDA ``index_put_`` with
+    ``accumulate`` sorts the ids and reduces each run (``index_add_`` uses atomics there).
     """
-    out = grad.new_zeros(rows, grad.shape[1]).index_put_((ids.long(),), grad, accumulate=True)
+    out = grad.new_zeros(rows, grad.shape[1])
+    if grad.device.type == "cpu":
+        out.index_add_(0, ids.long(), grad)
+    else:
+        out.index_put_((ids.long(),), grad, accumulate=True)
     if padding_idx >= 0:
         out[padding_idx] = 0
     return out
