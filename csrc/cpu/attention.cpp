@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -476,6 +477,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const Args& a, double scale, bool cau
 //
 //   S = (q * scale) Kᵀ + biases, masked as the forward;  P = exp(S - lse)
 //   dV_j += (P∘M)ᵀ dO_i;  dP = (dO_i Vᵀ)∘M;  dS = P∘(dP - Δ_i), Δ = rowsum(dO∘O)
+//   (O the saved output, after dropout; for bf16/fp16, whose saved O is rounded, Δ comes from
+//   a first sweep over the keys as Σ_j (P∘M)_ij (dO Vᵀ)_ij in fp32 instead)
 //   dQ_i += dS K_j (times scale at the end);  dK_j += dSᵀ (q_i * scale)
 //   d_rel_bias[h, bucket] += dS over the (query, key) pairs of that bucket
 //
@@ -533,12 +536,14 @@ void backward_pair(const Backward<T>& p, BackScratch& w, int64_t b, int64_t h) {
   load_panels(f.k, f.ks, start, L, h, D, Lkp, w.kt.data());
   load_panels(f.v, f.vs, start, L, h, D, Lkp, w.vt.data());
   for (int64_t i = 0; i < L; ++i) {
-    const T* o = p.out + (start + i) * p.os.token + h * p.os.head;
-    const float* g = w.dout.data() + i * Dp;
-    Vec acc(0.f);
-    for_each_vec(D, [&](int64_t d, int64_t n) { acc = at::vec::fmadd(load(o + d, n), Vec::loadu(g + d, n), acc); });
-    w.delta[i] = sum(acc);
     w.lse[i] = p.lse[h * f.total + start + i];
+    if constexpr (std::is_same_v<T, float>) {  // Δ = rowsum(dO∘O), O as saved (after dropout)
+      const T* o = p.out + (start + i) * p.os.token + h * p.os.head;
+      const float* g = w.dout.data() + i * Dp;
+      Vec acc(0.f);
+      for_each_vec(D, [&](int64_t d, int64_t n) { acc = at::vec::fmadd(load(o + d, n), Vec::loadu(g + d, n), acc); });
+      w.delta[i] = sum(acc);
+    }
   }
   std::fill(w.dq.begin(), w.dq.begin() + Lq * Dp, 0.f);
   std::fill(w.dk.begin(), w.dk.begin() + Lk * Dp, 0.f);
@@ -549,28 +554,53 @@ void backward_pair(const Backward<T>& p, BackScratch& w, int64_t b, int64_t h) {
   const int32_t radius = static_cast<int32_t>(f.rel.radius);
   const float* ones = w.ones.data();
 
+  // One block's scores S (biased, masked: -inf where no key is visible) in w.s and dO Vᵀ in w.dp;
+  // calls each(i, s, dp, visible, first) for its rows, `first` the row's dropout counter at k0.
+  auto block = [&](int64_t q0, int64_t rows, int64_t k0, int64_t keys, auto each) {
+    const int64_t width = round_up(keys, kVecSize), tile_rows = round_up(rows, kAccRegs);
+    gemm_rows(w.q.data() + q0 * Dp, Dp, w.kt.data() + k0 * D, kPanelK, kPanelK * D, D, w.s.data(), kBlockK, nullptr,
+              tile_rows, width);
+    gemm_rows(w.dout.data() + q0 * Dp, Dp, w.vt.data() + k0 * D, kPanelK, kPanelK * D, D, w.dp.data(), kBlockK,
+              nullptr, tile_rows, width);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t qi = q0 + i;
+      float* s = w.s.data() + i * kBlockK;
+      add_biases(s, keys, f.bias, rel_table, radius, columns, b, h, qi, k0);
+      const int64_t visible = std::max<int64_t>(f.causal ? std::min(keys, qi - k0 + 1) : keys, 0);
+      for (int64_t j = visible; j < width; ++j) s[j] = kNegInf;
+      each(i, s, w.dp.data() + i * kBlockK, visible, dropout_row(h, f.total, start + qi) + k0);
+    }
+  };
+
   for (int64_t q0 = 0; q0 < L; q0 += kBlockQ) {
     const int64_t rows = std::min(kBlockQ, L - q0), tile_rows = round_up(rows, kAccRegs);
     const int64_t key_end = f.causal ? std::min(L, q0 + rows) : L;
+    if constexpr (!std::is_same_v<T, float>) {
+      // Δ = rowsum(dO∘O) = Σ_j (P∘M)_ij (dO Vᵀ)_ij: the saved O is rounded to T, which would
+      // put about one ulp of T on Δ and through dS on dQ and dK; this sweep recomputes it in fp32.
+      for (int64_t i = 0; i < rows; ++i) w.delta[q0 + i] = 0.f;
+      for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
+        const int64_t keys = std::min(kBlockK, key_end - k0), width = round_up(keys, kVecSize);
+        block(q0, rows, k0, keys, [&](int64_t i, float* s, float* dp, int64_t, uint64_t first) {
+          const Vec lse(w.lse[q0 + i]);
+          Vec acc(0.f);
+          for (int64_t j = 0; j < width; j += kVecSize) {
+            Vec prob = (Vec::loadu(s + j) - lse).exp_u20();
+            if (f.dropout.on()) prob = prob * f.dropout.keep(first + j);
+            acc = at::vec::fmadd(prob, Vec::loadu(dp + j), acc);
+          }
+          w.delta[q0 + i] += sum(acc);
+        });
+      }
+    }
     for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
       const int64_t keys = std::min(kBlockK, key_end - k0), width = round_up(keys, kVecSize);
       const int64_t key_rows = round_up(keys, kAccRegs);
       float* sb = w.s.data();
       float* dpb = w.dp.data();
-      // S = (q * scale) Kᵀ and dO Vᵀ
-      gemm_rows(w.q.data() + q0 * Dp, Dp, w.kt.data() + k0 * D, kPanelK, kPanelK * D, D, sb, kBlockK, nullptr,
-                tile_rows, width);
-      gemm_rows(w.dout.data() + q0 * Dp, Dp, w.vt.data() + k0 * D, kPanelK, kPanelK * D, D, dpb, kBlockK, nullptr,
-                tile_rows, width);
-      for (int64_t i = 0; i < rows; ++i) {
+      block(q0, rows, k0, keys, [&](int64_t i, float* s, float* dp, int64_t visible, uint64_t first) {
         const int64_t qi = q0 + i;
-        float* s = sb + i * kBlockK;
-        float* dp = dpb + i * kBlockK;
-        add_biases(s, keys, f.bias, rel_table, radius, columns, b, h, qi, k0);
-        const int64_t visible = f.causal ? std::min(keys, qi - k0 + 1) : keys;
-        for (int64_t j = std::max<int64_t>(visible, 0); j < width; ++j) s[j] = kNegInf;
         const Vec lse(w.lse[qi]), delta(w.delta[qi]);
-        const uint64_t first = dropout_row(h, f.total, start + qi) + k0;
         for (int64_t j = 0; j < width; j += kVecSize) {
           const Vec prob = (Vec::loadu(s + j) - lse).exp_u20();  // 0 where masked and on rows with lse = inf
           Vec dprob = Vec::loadu(dp + j), kept = prob;
@@ -585,12 +615,12 @@ void backward_pair(const Backward<T>& p, BackScratch& w, int64_t b, int64_t h) {
         if (rel_table) {
           double* drel = w.drel.data();
           const int32_t qc = columns[qi];
-          for (int64_t j = 0; j < std::max<int64_t>(visible, 0); ++j) {
+          for (int64_t j = 0; j < visible; ++j) {
             const int32_t distance = std::min(std::max(columns[k0 + j] - qc, -radius), radius);
             drel[distance + radius] += dp[j];
           }
         }
-      }
+      });
       // (P∘M)ᵀ and dSᵀ, [key_rows, kBlockQ], zero rows past the block's keys
       float* pt = w.pt.data();
       float* dst = w.dst.data();

@@ -327,12 +327,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> checked_ids(const at::Tensor& inp
   return {ids, pos, tts};
 }
 
-// fastbert.reference.table_grad: the rows of dh summed per id (index_put_ with accumulate,
-// sequential on CPU: deterministic), the padding_idx row zero, in the table's dtype.
+// fastbert.reference.table_grad: the rows of dh [T, E] (fp32) summed per id, the padding_idx
+// row zero, in the table's dtype. Each id's row sums its tokens in token order, the columns
+// split between threads: deterministic and independent of the thread count. (index_put_ with
+// accumulate, which the reference uses, did not give the same bits twice on CPU with torch 2.13.)
 at::Tensor table_grad(const at::Tensor& ids, const at::Tensor& dh, const at::Tensor& table, int64_t padding_idx) {
-  auto out = at::zeros({table.size(0), dh.size(1)}, dh.options());
-  out.index_put_({ids}, dh, /*accumulate=*/true);
-  if (padding_idx >= 0 && padding_idx < table.size(0)) out[padding_idx].zero_();
+  const int64_t rows = table.size(0), T = dh.size(0), E = dh.size(1);
+  auto out = at::zeros({rows, E}, dh.options());
+  const int64_t* ip = ids.const_data_ptr<int64_t>();
+  const float* src = dh.const_data_ptr<float>();
+  float* dst = out.mutable_data_ptr<float>();
+  const int64_t strips = (E + 4 * kVecSize - 1) / (4 * kVecSize);
+  at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * 4 * kVecSize, c1 = std::min(E, end * 4 * kVecSize);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* s = src + t * E;
+      float* d = dst + ip[t] * E;
+      for_each_vec(c1 - c0, [&](int64_t j, int64_t n) {
+        (Vec::loadu(d + c0 + j, n) + Vec::loadu(s + c0 + j, n)).store(d + c0 + j, n);
+      });
+    }
+  });
+  if (padding_idx >= 0 && padding_idx < rows) out[padding_idx].zero_();
   return out.to(table.scalar_type());
 }
 
