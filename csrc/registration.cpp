@@ -55,6 +55,31 @@ TORCH_LIBRARY_FRAGMENT(fastbert, m) {
         "Tensor weight, Tensor ln_bias, float eps) -> Tensor");
   m.def("ext_unpad(Tensor x, Tensor indices) -> Tensor");
   m.def("ext_pad(Tensor x, Tensor indices, int batch, int seqlen) -> Tensor");
+  // Training (CPU kernels only): forwards that also return what their backward needs, and the backwards.
+  m.def("ext_attention_train(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale, "
+        "bool causal, Tensor? bias, Tensor? rel_bias, Tensor? positions, float dropout_p, Tensor? seed) "
+        "-> (Tensor, Tensor)");
+  m.def("ext_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens, int max_seqlen, float scale, bool causal, Tensor? bias, Tensor? rel_bias, "
+        "Tensor? positions, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def("ext_gelu(Tensor pre, str approximate) -> Tensor");
+  m.def("ext_linear_gelu_train(Tensor x, Tensor weight, Tensor bias, str approximate) -> (Tensor, Tensor)");
+  m.def("ext_linear_gelu_backward(Tensor grad, Tensor x, Tensor weight, Tensor pre, str approximate) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("ext_add_layernorm_train(Tensor x, Tensor residual, Tensor? bias, Tensor weight, Tensor ln_bias, "
+        "float eps, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
+  m.def("ext_add_layernorm_backward(Tensor grad, Tensor x, Tensor residual, Tensor? bias, Tensor weight, "
+        "Tensor ln_bias, Tensor mean, Tensor rstd, float eps, float dropout_p, Tensor? seed) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ext_embed_layernorm_train(Tensor input_ids, Tensor position_ids, Tensor token_type_ids, "
+        "Tensor word_embeddings, Tensor position_embeddings, Tensor token_type_embeddings, Tensor weight, "
+        "Tensor ln_bias, float eps, float dropout_p, Tensor? seed, int word_padding_idx, "
+        "int position_padding_idx) -> (Tensor, Tensor, Tensor)");
+  m.def("ext_embed_layernorm_backward(Tensor grad, Tensor input_ids, Tensor position_ids, Tensor token_type_ids, "
+        "Tensor word_embeddings, Tensor position_embeddings, Tensor token_type_embeddings, Tensor weight, "
+        "Tensor ln_bias, Tensor mean, Tensor rstd, float eps, float dropout_p, Tensor? seed, "
+        "int word_padding_idx, int position_padding_idx) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ext_philox_uniform(Tensor seed, Tensor offsets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
@@ -65,6 +90,16 @@ TORCH_LIBRARY_IMPL(fastbert, CPU, m) {
   m.impl("ext_embed_layernorm", &fastbert::cpu::embed_layernorm);
   m.impl("ext_unpad", &fastbert::cpu::unpad);
   m.impl("ext_pad", &fastbert::cpu::pad);
+  m.impl("ext_attention_train", &fastbert::cpu::attention_train);
+  m.impl("ext_attention_backward", &fastbert::cpu::attention_backward);
+  m.impl("ext_gelu", &fastbert::cpu::gelu);
+  m.impl("ext_linear_gelu_train", &fastbert::cpu::linear_gelu_train);
+  m.impl("ext_linear_gelu_backward", &fastbert::cpu::linear_gelu_backward);
+  m.impl("ext_add_layernorm_train", &fastbert::cpu::add_layernorm_train);
+  m.impl("ext_add_layernorm_backward", &fastbert::cpu::add_layernorm_backward);
+  m.impl("ext_embed_layernorm_train", &fastbert::cpu::embed_layernorm_train);
+  m.impl("ext_embed_layernorm_backward", &fastbert::cpu::embed_layernorm_backward);
+  m.impl("ext_philox_uniform", &fastbert::cpu::philox_uniform);
 }
 
 #ifdef FASTBERT_WITH_CUDA
@@ -103,6 +138,17 @@ PYBIND11_MODULE(_C, m) {
   cpu.attr("PANEL_WIDTH") = fastbert::cpu::panel_width();
   cpu.def("pack_panels", &fastbert::cpu::pack_panels);
   cpu.def("panel_linear", &fastbert::cpu::panel_linear);
+  // Training kernels (CPU only).
+  cpu.def("attention_train", &fastbert::cpu::attention_train);
+  cpu.def("attention_backward", &fastbert::cpu::attention_backward);
+  cpu.def("gelu", &fastbert::cpu::gelu);
+  cpu.def("linear_gelu_train", &fastbert::cpu::linear_gelu_train);
+  cpu.def("linear_gelu_backward", &fastbert::cpu::linear_gelu_backward);
+  cpu.def("add_layernorm_train", &fastbert::cpu::add_layernorm_train);
+  cpu.def("add_layernorm_backward", &fastbert::cpu::add_layernorm_backward);
+  cpu.def("embed_layernorm_train", &fastbert::cpu::embed_layernorm_train);
+  cpu.def("embed_layernorm_backward", &fastbert::cpu::embed_layernorm_backward);
+  cpu.def("philox_uniform", &fastbert::cpu::philox_uniform);
 #ifdef FASTBERT_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA kernels, called without the dispatcher");
   cuda.def("linear_gelu", &linear_gelu<fastbert::cuda::bias_gelu_>);

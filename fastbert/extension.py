@@ -10,6 +10,12 @@ The names below are the registered ops under the op names of :mod:`fastbert.refe
 prepacked weight, as :mod:`fastbert.cpu_gemm` picks, which also serves ``linear``) and fuses
 bias and GELU into one pass over its output; with few rows on CPU, fastbert's own panel GEMM
 applies them in its epilogue.
+
+Training: the CPU kernels also implement the training forwards (which return what their
+backward needs: the attention's log-sum-exp, LayerNorm's mean and rstd, the pre-activation) and
+the backwards, under the names of :mod:`fastbert.reference` (:data:`TRAINING_OPS`). Dropout masks
+are Philox draws bit for bit as the reference's. On CUDA the extension has no training kernels;
+:func:`implements` says so and those ops run on the next backend.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ CPU_ISA: str = _C.CPU_ISA
 
 # Ops with a CUDA kernel; the others run on the next CUDA backend.
 CUDA_OPS = ("linear_gelu", "add_layernorm", "embed_layernorm", "unpad", "pad")
+# Training forwards and backwards: CPU kernels only.
+TRAINING_OPS = ("attention_train", "attention_backward", "linear_gelu_train", "linear_gelu_backward",
+                "add_layernorm_train", "add_layernorm_backward", "embed_layernorm_train", "embed_layernorm_backward")
 
 # torch.backends.cpu.get_cpu_capability() names, weakest first.
 _CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
@@ -52,7 +61,8 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def implements(op: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
-    """Whether the extension has a kernel for ``op`` on ``device_type`` tensors."""
+    """Whether the extension has a kernel for ``op`` on ``device_type`` tensors (on CUDA: the
+    :data:`CUDA_OPS`, no training op)."""
     return device_type != "cuda" or op in CUDA_OPS
 
 
@@ -74,12 +84,22 @@ def _entry_points(kernels) -> dict:
             return y
         return kernels.linear_gelu(x, weight, bias, approximate)
 
-    names = ("attention", "add_layernorm", "embed_layernorm", "unpad", "pad")
-    return {"linear": cpu_gemm.linear, "linear_gelu": linear_gelu,
-            **{name: getattr(kernels, name) for name in names if hasattr(kernels, name)}}
+    def linear_gelu_train(x, weight, bias, approximate):
+        if cpu_gemm.library(x, weight) == cpu_gemm.ATEN:
+            return kernels.linear_gelu_train(x, weight, bias, approximate)
+        pre = cpu_gemm.linear(x, weight, bias)  # oneDNN or the panel GEMM, as for linear_gelu
+        return kernels.gelu(pre, approximate), pre
+
+    names = ("attention", "add_layernorm", "embed_layernorm", "unpad", "pad", *TRAINING_OPS)
+    ops = {"linear": cpu_gemm.linear, "linear_gelu": linear_gelu,
+           **{name: getattr(kernels, name) for name in names if hasattr(kernels, name)}}
+    if hasattr(kernels, "linear_gelu_train"):
+        ops["linear_gelu_train"] = linear_gelu_train
+    return ops
 
 
-_KERNELS = ("attention", "linear_gelu", "bias_gelu_", "add_layernorm", "embed_layernorm", "unpad", "pad")
+_KERNELS = ("attention", "linear_gelu", "bias_gelu_", "add_layernorm", "embed_layernorm", "unpad", "pad", "gelu",
+            *TRAINING_OPS)
 # Through the registered ops (their default overloads): autograd sees them, so a backward raises.
 _REGISTERED = _entry_points(types.SimpleNamespace(**{k: getattr(_ops, f"ext_{k}").default for k in _KERNELS}))
 # Straight calls of the compiled kernels, for each device: no dispatcher, no autograd.
@@ -92,6 +112,14 @@ add_layernorm = _REGISTERED["add_layernorm"]
 embed_layernorm = _REGISTERED["embed_layernorm"]
 unpad = _REGISTERED["unpad"]
 pad = _REGISTERED["pad"]
+attention_train = _REGISTERED["attention_train"]
+attention_backward = _REGISTERED["attention_backward"]
+linear_gelu_train = _REGISTERED["linear_gelu_train"]
+linear_gelu_backward = _REGISTERED["linear_gelu_backward"]
+add_layernorm_train = _REGISTERED["add_layernorm_train"]
+add_layernorm_backward = _REGISTERED["add_layernorm_backward"]
+embed_layernorm_train = _REGISTERED["embed_layernorm_train"]
+embed_layernorm_backward = _REGISTERED["embed_layernorm_backward"]
 
 
 def function(op: str, device_type: str, direct: bool):

@@ -27,9 +27,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
+#include "philox.h"
 #include "vec.h"
 
 namespace fastbert::cpu {
@@ -136,7 +138,17 @@ struct Problem {
   bool causal;
   BiasView bias;
   RelBiasView rel;
+  // attention_train: dropout on the probabilities, and the log-sum-exp [N, total] (null: not wanted)
+  Dropout dropout = {};
+  float* lse = nullptr;
+  int64_t total = 0;
 };
+
+// The dropout counter of (head h, packed query row, key 0 of the sequence): the key index
+// within the sequence is the low word, added to it.
+inline uint64_t dropout_row(int64_t h, int64_t total, int64_t row) {
+  return static_cast<uint64_t>(h * total + row) << 32;
+}
 
 // Online-softmax update of one query row's scores s[:width] (width keys computed, the first
 // `visible` of them real): on return s holds P (zeros where masked), corr the factor that
@@ -178,6 +190,18 @@ inline void add_rel_bias(float* s, int64_t keys, const float* table, int32_t R, 
   });
 }
 
+// The biases of one query row's scores s[:keys] (keys k0, ... of the sequence; query index qi):
+// the relative bias of the head's table row and the additive bias. Shared by the forward and
+// the backward, which recomputes the scores the forward's softmax saw.
+inline void add_biases(float* s, int64_t keys, const BiasView& bias, const float* rel_table, int32_t radius,
+                       const int32_t* columns, int64_t b, int64_t h, int64_t qi, int64_t k0) {
+  if (rel_table) add_rel_bias(s, keys, rel_table, radius, columns + k0, columns[qi]);
+  if (bias.data) {
+    const float* br = bias.data + b * bias.b + h * bias.n + qi * bias.q + k0 * bias.k;
+    for (int64_t j = 0; j < keys; ++j) s[j] += br[j * bias.k];
+  }
+}
+
 template <typename T>
 void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64_t q0) {
   const int64_t start = p.cu[b], len = p.cu[b + 1] - p.cu[b];
@@ -195,7 +219,6 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.f);
   const int64_t key_end = p.causal ? std::min(len, q0 + rows) : len;
-  const float* bias = p.bias.data;
   const float* rel_table = p.rel.table ? p.rel.table + h * (2 * p.rel.radius + 1) : nullptr;
   const int32_t* columns = p.rel.positions ? p.rel.positions + start : nullptr;  // this sequence's
 
@@ -213,14 +236,14 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
         w.corr[i] = 1.f;
         continue;
       }
-      if (rel_table) add_rel_bias(s, keys, rel_table, static_cast<int32_t>(p.rel.radius), columns + k0, columns[q0 + i]);
-      if (bias) {
-        const float* br = bias + b * p.bias.b + h * p.bias.n + (q0 + i) * p.bias.q + k0 * p.bias.k;
-        for (int64_t j = 0; j < keys; ++j) s[j] += br[j * p.bias.k];
-      }
+      add_biases(s, keys, p.bias, rel_table, static_cast<int32_t>(p.rel.radius), columns, b, h, q0 + i, k0);
       // Keys past the block end and, if causal, after this query are masked out.
       const int64_t visible = p.causal ? std::min(keys, q0 + i - k0 + 1) : keys;
       softmax_row(s, width, visible, w.m[i], w.l[i], w.corr[i]);
+      if (p.dropout.on()) {  // on P before the division by l: the same as on the normalised P
+        const uint64_t first = dropout_row(h, p.total, start + q0 + i) + k0;
+        for (int64_t j = 0; j < width; j += kVecSize) (Vec::loadu(s + j) * p.dropout.keep(first + j)).store(s + j);
+      }
     }
     // O = O * corr + P V
     gemm_rows(w.s.data(), kBlockK, w.v.data() + k0 * Dp, Dp, kStrip, keys, w.o.data(), Dp,
@@ -232,6 +255,40 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
     for_each_vec(D, [&](int64_t d, int64_t n) {
       store(Vec::loadu(w.o.data() + i * Dp + d, n) * Vec(inv), dst + d, n);
     });
+    if (p.lse) {
+      p.lse[h * p.total + start + q0 + i] =
+          w.l[i] > 0.f ? w.m[i] + std::log(w.l[i]) : std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+// Copies rows [start, start + len) of head h of x ([tokens, heads, D] by strides) to fp32
+// [D, kPanelK] panels (transposed; zero from len up to `padded`, a multiple of kPanelK).
+template <typename T>
+void load_panels(const T* x, Strides xs, int64_t start, int64_t len, int64_t h, int64_t D, int64_t padded,
+                 float* panels) {
+  std::fill(panels + (len / kPanelK) * kPanelK * D, panels + padded * D, 0.f);
+  for (int64_t j = 0; j < len; ++j) {
+    const T* src = x + (start + j) * xs.token + h * xs.head;
+    float* panel = panels + (j / kPanelK) * kPanelK * D + j % kPanelK;
+    for (int64_t d = 0; d < D; ++d) panel[d * kPanelK] = static_cast<float>(src[d]);
+  }
+}
+
+// The same rows to fp32 [padded, Dp] rows, times `scale`, zero past D and from len up to `padded`.
+template <typename T>
+void load_rows(const T* x, Strides xs, int64_t start, int64_t len, int64_t h, int64_t D, int64_t Dp,
+               int64_t padded, float* rows, float scale = 1.f) {
+  std::fill(rows + len * Dp, rows + padded * Dp, 0.f);
+  for (int64_t j = 0; j < len; ++j) {
+    const T* src = x + (start + j) * xs.token + h * xs.head;
+    float* row = rows + j * Dp;
+    if (scale == 1.f) {
+      for_each_vec(D, [&](int64_t d, int64_t n) { load(src + d, n).store(row + d, n); });
+    } else {
+      for_each_vec(D, [&](int64_t d, int64_t n) { (load(src + d, n) * Vec(scale)).store(row + d, n); });
+    }
+    std::fill(row + D, row + Dp, 0.f);
   }
 }
 
@@ -239,21 +296,9 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
 // (sequence, head) to the fp32 scratch, where every block of its queries reads them.
 template <typename T>
 void load_keys_values(const Problem<T>& p, Scratch& w, int64_t b, int64_t h) {
-  const int64_t start = p.cu[b], len = p.cu[b + 1] - p.cu[b];
-  const int64_t D = p.D, Dp = w.Dp, padded = round_up(len, kBlockK);
-  float* kt = w.kt.data();
-  float* v = w.v.data();
-  std::fill(kt + (len / kPanelK) * kPanelK * D, kt + padded * D, 0.f);
-  std::fill(v + len * Dp, v + padded * Dp, 0.f);
-  for (int64_t j = 0; j < len; ++j) {
-    const T* ks = p.k + (start + j) * p.ks.token + h * p.ks.head;
-    float* panel = kt + (j / kPanelK) * kPanelK * D + j % kPanelK;
-    for (int64_t d = 0; d < D; ++d) panel[d * kPanelK] = static_cast<float>(ks[d]);
-    const T* vs = p.v + (start + j) * p.vs.token + h * p.vs.head;
-    float* vr = v + j * Dp;
-    for_each_vec(D, [&](int64_t d, int64_t n) { load(vs + d, n).store(vr + d, n); });
-    std::fill(vr + D, vr + Dp, 0.f);
-  }
+  const int64_t start = p.cu[b], len = p.cu[b + 1] - p.cu[b], padded = round_up(len, kBlockK);
+  load_panels(p.k, p.ks, start, len, h, p.D, padded, w.kt.data());
+  load_rows(p.v, p.vs, start, len, h, p.D, w.Dp, padded, w.v.data());
 }
 
 // The unit of work: kBlockQ queries of one (sequence, head).
@@ -269,13 +314,15 @@ struct WorkList {
   std::vector<QueryBlock> blocks;
   std::vector<int64_t> cost;
 
-  WorkList(const int64_t* cu, int64_t B, int64_t N, int64_t D, bool causal) {
+  // Blocks of block_q queries (the backward's unit is a whole (sequence, head): block_q >= the
+  // longest sequence).
+  WorkList(const int64_t* cu, int64_t B, int64_t N, int64_t D, bool causal, int64_t block_q = kBlockQ) {
     int64_t total = 0;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t len = cu[b + 1] - cu[b];
       for (int64_t h = 0; h < N; ++h) {
-        for (int64_t q0 = 0; q0 < len; q0 += kBlockQ) {
-          const int64_t rows = std::min(kBlockQ, len - q0);
+        for (int64_t q0 = 0; q0 < len; q0 += block_q) {
+          const int64_t rows = std::min(block_q, len - q0);
           total += rows * ((causal ? std::min(len, q0 + rows) : len) + 2 * D);
           blocks.push_back({b, h, q0});
           cost.push_back(total);
@@ -320,13 +367,19 @@ void check_rel_bias_args(const at::Tensor& q, const at::Tensor& rel_bias,
 // Unit stride over the head dim is all the kernel needs; anything else is copied.
 at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-}  // namespace
+// The checked arguments of attention, attention_train and attention_backward, in the layout
+// the kernels read: q, k, v with unit stride over D, int64 cu_seqlens, fp32 biases.
+struct Args {
+  at::Tensor q, k, v, cu_t, bias, rel_bias, positions;
+  const int64_t* cu = nullptr;
+  int64_t total = 0, N = 0, D = 0, B = 0, longest = 0;
+  BiasView bias_view;
+  RelBiasView rel_view;
+};
 
-at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                     const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale, bool causal,
-                     const std::optional<at::Tensor>& bias_in,
-                     const std::optional<at::Tensor>& rel_bias_in,
-                     const std::optional<at::Tensor>& positions_in) {
+Args prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_seqlens,
+             int64_t max_seqlen, const std::optional<at::Tensor>& bias_in,
+             const std::optional<at::Tensor>& rel_bias_in, const std::optional<at::Tensor>& positions_in) {
   TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3,
               "fastbert: attention needs q, k, v of shape [tokens, heads, head_dim], got ",
               q_in.sizes(), ", ", k_in.sizes(), ", ", v_in.sizes());
@@ -337,55 +390,68 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
               "fastbert: attention needs q, k, v of one dtype");
   TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1,
               "fastbert: cu_seqlens must be [batch + 1], got ", cu_seqlens.sizes());
-  auto q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
-  const int64_t total = q.size(0), N = q.size(1), D = q.size(2);
-  auto cu_t = cu_seqlens.to(at::kLong).contiguous();
-  const int64_t* cu = cu_t.const_data_ptr<int64_t>();
-  const int64_t B = cu_t.numel() - 1;
-  TORCH_CHECK(cu[0] == 0 && cu[B] <= total, "fastbert: cu_seqlens must run from 0 to at most the ",
-              total, " tokens, got ", cu[0], " to ", cu[B]);
-  int64_t longest = 0;
+  Args a;
+  a.q = unit_last_stride(q_in), a.k = unit_last_stride(k_in), a.v = unit_last_stride(v_in);
+  a.total = a.q.size(0), a.N = a.q.size(1), a.D = a.q.size(2);
+  a.cu_t = cu_seqlens.to(at::kLong).contiguous();
+  a.cu = a.cu_t.const_data_ptr<int64_t>();
+  const int64_t B = a.B = a.cu_t.numel() - 1;
+  const int64_t* cu = a.cu;
+  TORCH_CHECK(cu[0] == 0 && cu[B] <= a.total, "fastbert: cu_seqlens must run from 0 to at most the ",
+              a.total, " tokens, got ", cu[0], " to ", cu[B]);
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(cu[b + 1] >= cu[b], "fastbert: cu_seqlens must be non-decreasing");
-    longest = std::max(longest, cu[b + 1] - cu[b]);
+    a.longest = std::max(a.longest, cu[b + 1] - cu[b]);
   }
-  TORCH_CHECK(longest <= std::max<int64_t>(max_seqlen, 0), "fastbert: a sequence has ", longest,
+  TORCH_CHECK(a.longest <= std::max<int64_t>(max_seqlen, 0), "fastbert: a sequence has ", a.longest,
               " tokens but max_seqlen is ", max_seqlen);
-  RelBiasView rel_view;
-  at::Tensor rel_bias, positions;
   if (rel_bias_in) {
-    check_rel_bias_args(q, *rel_bias_in, positions_in);
-    rel_bias = rel_bias_in->contiguous();
-    positions = positions_in->contiguous();
-    rel_view = {rel_bias.const_data_ptr<float>(), positions.const_data_ptr<int32_t>(), (rel_bias.size(1) - 1) / 2};
+    check_rel_bias_args(a.q, *rel_bias_in, positions_in);
+    a.rel_bias = rel_bias_in->contiguous();
+    a.positions = positions_in->contiguous();
+    a.rel_view = {a.rel_bias.const_data_ptr<float>(), a.positions.const_data_ptr<int32_t>(),
+                  (a.rel_bias.size(1) - 1) / 2};
   }
-  auto out = at::empty({total, N, D}, q.options());
-  if (total == 0 || N == 0 || D == 0) return out;
-  // Rows past cu[B] are the dummy rows of a static packing: no sequence reads or owns them.
-  // Zeros keep uninitialised memory (NaN, denormals) out of the GEMMs that follow.
-  out.narrow(0, cu[B], total - cu[B]).zero_();
-
-  BiasView bias_view;
-  at::Tensor bias;
   if (bias_in) {
     TORCH_CHECK(bias_in->is_floating_point(), "fastbert: attention bias must be floating point, got ",
                 bias_in->scalar_type());
     TORCH_CHECK(bias_in->dim() <= 4, "fastbert: attention bias must broadcast to [batch, heads, ",
                 "seq, seq], got ", bias_in->sizes());
-    bias = bias_in->to(at::kFloat);  // scores are fp32; converted before any broadcast
+    auto bias = bias_in->to(at::kFloat);  // scores are fp32; converted before any broadcast
     while (bias.dim() < 4) bias = bias.unsqueeze(0);
-    bias = bias.expand({B, N, bias.size(2), bias.size(3)});  // raises if it does not broadcast
-    TORCH_CHECK(bias.size(2) >= longest && bias.size(3) >= longest, "fastbert: attention bias ",
-                bias_in->sizes(), " is smaller than the longest sequence, ", longest);
-    bias_view = {bias.const_data_ptr<float>(), bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3)};
+    bias = bias.expand({B, a.N, bias.size(2), bias.size(3)});  // raises if it does not broadcast
+    TORCH_CHECK(bias.size(2) >= a.longest && bias.size(3) >= a.longest, "fastbert: attention bias ",
+                bias_in->sizes(), " is smaller than the longest sequence, ", a.longest);
+    a.bias = bias;
+    a.bias_view = {bias.const_data_ptr<float>(), bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3)};
   }
-  dispatch_float(q.scalar_type(), "attention", [&](auto tag) {
+  return a;
+}
+
+// The forward, with the log-sum-exp [N, total] when with_lse (+inf where no key is visible and
+// on dummy rows), else an undefined tensor.
+std::tuple<at::Tensor, at::Tensor> forward(const Args& a, double scale, bool causal, const Dropout& dropout,
+                                           bool with_lse) {
+  const int64_t total = a.total, N = a.N, D = a.D, B = a.B;
+  const int64_t* cu = a.cu;
+  auto out = at::empty({total, N, D}, a.q.options());
+  at::Tensor lse;
+  if (with_lse) lse = at::full({N, total}, std::numeric_limits<float>::infinity(), a.q.options().dtype(at::kFloat));
+  if (total == 0 || N == 0 || D == 0) return {out, lse};
+  // Rows past cu[B] are the dummy rows of a static packing: no sequence reads or owns them.
+  // Zeros keep uninitialised memory (NaN, denormals) out of the GEMMs that follow.
+  out.narrow(0, cu[B], total - cu[B]).zero_();
+  dispatch_float(a.q.scalar_type(), "attention", [&](auto tag) {
     using T = decltype(tag);
-    const Problem<T> p{q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
-                       strides_of(q), strides_of(k), strides_of(v), out.mutable_data_ptr<T>(),
-                       cu, N, D, static_cast<float>(scale), causal, bias_view, rel_view};
+    Problem<T> p{a.q.const_data_ptr<T>(), a.k.const_data_ptr<T>(), a.v.const_data_ptr<T>(),
+                 strides_of(a.q), strides_of(a.k), strides_of(a.v), out.mutable_data_ptr<T>(),
+                 cu, N, D, static_cast<float>(scale), causal, a.bias_view, a.rel_view};
+    p.dropout = dropout;
+    p.lse = with_lse ? lse.mutable_data_ptr<float>() : nullptr;
+    p.total = total;
     const WorkList work(cu, B, N, D, causal);
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), work.blocks.size());
+    const int64_t longest = a.longest;
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch(D, longest);
       int64_t loaded = -1;  // b * N + h of the keys and values in the scratch
@@ -399,7 +465,274 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
       }
     });
   });
-  return out;
+  return {out, lse};
+}
+
+// ----------------------------------------------------------------------------- backward
+//
+// FlashAttention-2's backward with the forward recomputed from the saved log-sum-exp, one
+// (sequence, head) at a time, wholly by one thread (so dK and dV need no atomics, and every
+// sum runs in one fixed order: the results do not depend on the thread count). For each block
+// of kBlockQ queries i and kBlockK keys j, with M the dropout factors (0 or 1 / (1 - p)):
+//
+//   S = (q * scale) Kᵀ + biases, masked as the forward;  P = exp(S - lse)
+//   dV_j += (P∘M)ᵀ dO_i;  dP = (dO_i Vᵀ)∘M;  dS = P∘(dP - Δ_i), Δ = rowsum(dO∘O)
+//   (O the saved output, after dropout; for bf16/fp16, whose saved O is rounded, Δ comes from
+//   a first sweep over the keys as Σ_j (P∘M)_ij (dO Vᵀ)_ij in fp32 instead)
+//   dQ_i += dS K_j (times scale at the end);  dK_j += dSᵀ (q_i * scale)
+//   d_rel_bias[h, bucket] += dS over the (query, key) pairs of that bucket
+//
+// on the same register-tiled micro-kernel as the forward. dV and dK take P∘M and dS
+// transposed (a copy per block), so that all five products read row-major operands.
+
+constexpr int64_t kKeyRows = (kBlockK + kAccRegs - 1) / kAccRegs * kAccRegs;  // a key block in whole tiles
+
+template <typename T>
+struct Backward {
+  Problem<T> f;            // q, k, v, the sequences, scale, masks, biases, dropout, total
+  const T* grad;           // dO [total, N, D] by strides
+  Strides gs;
+  const T* out;            // O as the forward saved it (after dropout), [total, N, D] by strides
+  Strides os;
+  const float* lse;        // [N, total]
+  T* dqkv;                 // contiguous [total, 3, N, D]
+  double* drel = nullptr;  // [B, N, W]: each (sequence, head)'s d_rel_bias, or null
+  int64_t W = 0;
+};
+
+// Per-thread fp32 scratch for the longest sequence: queries (scaled), dO, keys as rows and as
+// panels, values as panels, the three gradient accumulators, and one block's P, dS and their
+// transposes.
+struct BackScratch {
+  int64_t Dp;
+  std::vector<float> q, dout, dq, k, dk, dv, kt, vt, delta, lse, s, dp, pt, dst, ones;
+  std::vector<double> drel;
+  BackScratch(int64_t D, int64_t longest, int64_t W) : Dp(round_up(D, kVecSize)) {
+    const int64_t Lq = round_up(longest, kBlockQ), Lk = round_up(longest, kBlockK) + kAccRegs;
+    for (auto* buf : {&q, &dout, &dq}) buf->resize(Lq * Dp);
+    for (auto* buf : {&k, &dk, &dv}) buf->resize(Lk * Dp);
+    for (auto* buf : {&kt, &vt}) buf->resize(D * round_up(longest, kBlockK));
+    delta.resize(Lq);
+    lse.resize(Lq);
+    s.resize(kBlockQ * kBlockK);
+    dp.resize(kBlockQ * kBlockK);
+    pt.resize(kKeyRows * kBlockQ);
+    dst.resize(kKeyRows * kBlockQ);
+    ones.assign(std::max(kBlockQ, kKeyRows), 1.f);
+    drel.resize(W);
+  }
+};
+
+template <typename T>
+void backward_pair(const Backward<T>& p, BackScratch& w, int64_t b, int64_t h) {
+  const Problem<T>& f = p.f;
+  const int64_t start = f.cu[b], L = f.cu[b + 1] - f.cu[b];
+  if (L == 0) return;
+  const int64_t D = f.D, Dp = w.Dp, N = f.N;
+  const int64_t Lq = round_up(L, kBlockQ), Lkp = round_up(L, kBlockK), Lk = Lkp + kAccRegs;
+  load_rows(f.q, f.qs, start, L, h, D, Dp, Lq, w.q.data(), f.scale);
+  load_rows(p.grad, p.gs, start, L, h, D, Dp, Lq, w.dout.data());
+  load_rows(f.k, f.ks, start, L, h, D, Dp, Lk, w.k.data());
+  load_panels(f.k, f.ks, start, L, h, D, Lkp, w.kt.data());
+  load_panels(f.v, f.vs, start, L, h, D, Lkp, w.vt.data());
+  for (int64_t i = 0; i < L; ++i) {
+    w.lse[i] = p.lse[h * f.total + start + i];
+    if constexpr (std::is_same_v<T, float>) {  // Δ = rowsum(dO∘O), O as saved (after dropout)
+      const T* o = p.out + (start + i) * p.os.token + h * p.os.head;
+      const float* g = w.dout.data() + i * Dp;
+      Vec acc(0.f);
+      for_each_vec(D, [&](int64_t d, int64_t n) { acc = at::vec::fmadd(load(o + d, n), Vec::loadu(g + d, n), acc); });
+      w.delta[i] = sum(acc);
+    }
+  }
+  std::fill(w.dq.begin(), w.dq.begin() + Lq * Dp, 0.f);
+  std::fill(w.dk.begin(), w.dk.begin() + Lk * Dp, 0.f);
+  std::fill(w.dv.begin(), w.dv.begin() + Lk * Dp, 0.f);
+  std::fill(w.drel.begin(), w.drel.end(), 0.0);
+  const float* rel_table = f.rel.table ? f.rel.table + h * (2 * f.rel.radius + 1) : nullptr;
+  const int32_t* columns = f.rel.positions ? f.rel.positions + start : nullptr;
+  const int32_t radius = static_cast<int32_t>(f.rel.radius);
+  const float* ones = w.ones.data();
+
+  // One block's scores S (biased, masked: -inf where no key is visible) in w.s and dO Vᵀ in w.dp;
+  // calls each(i, s, dp, visible, first) for its rows, `first` the row's dropout counter at k0.
+  auto block = [&](int64_t q0, int64_t rows, int64_t k0, int64_t keys, auto each) {
+    const int64_t width = round_up(keys, kVecSize), tile_rows = round_up(rows, kAccRegs);
+    gemm_rows(w.q.data() + q0 * Dp, Dp, w.kt.data() + k0 * D, kPanelK, kPanelK * D, D, w.s.data(), kBlockK, nullptr,
+              tile_rows, width);
+    gemm_rows(w.dout.data() + q0 * Dp, Dp, w.vt.data() + k0 * D, kPanelK, kPanelK * D, D, w.dp.data(), kBlockK,
+              nullptr, tile_rows, width);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t qi = q0 + i;
+      float* s = w.s.data() + i * kBlockK;
+      add_biases(s, keys, f.bias, rel_table, radius, columns, b, h, qi, k0);
+      const int64_t visible = std::max<int64_t>(f.causal ? std::min(keys, qi - k0 + 1) : keys, 0);
+      for (int64_t j = visible; j < width; ++j) s[j] = kNegInf;
+      each(i, s, w.dp.data() + i * kBlockK, visible, dropout_row(h, f.total, start + qi) + k0);
+    }
+  };
+
+  for (int64_t q0 = 0; q0 < L; q0 += kBlockQ) {
+    const int64_t rows = std::min(kBlockQ, L - q0), tile_rows = round_up(rows, kAccRegs);
+    const int64_t key_end = f.causal ? std::min(L, q0 + rows) : L;
+    if constexpr (!std::is_same_v<T, float>) {
+      // Δ = rowsum(dO∘O) = Σ_j (P∘M)_ij (dO Vᵀ)_ij: the saved O is rounded to T, which would
+      // put about one ulp of T on Δ and through dS on dQ and dK; this sweep recomputes it in fp32.
+      for (int64_t i = 0; i < rows; ++i) w.delta[q0 + i] = 0.f;
+      for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
+        const int64_t keys = std::min(kBlockK, key_end - k0), width = round_up(keys, kVecSize);
+        block(q0, rows, k0, keys, [&](int64_t i, float* s, float* dp, int64_t, uint64_t first) {
+          const Vec lse(w.lse[q0 + i]);
+          Vec acc(0.f);
+          for (int64_t j = 0; j < width; j += kVecSize) {
+            Vec prob = (Vec::loadu(s + j) - lse).exp_u20();
+            if (f.dropout.on()) prob = prob * f.dropout.keep(first + j);
+            acc = at::vec::fmadd(prob, Vec::loadu(dp + j), acc);
+          }
+          w.delta[q0 + i] += sum(acc);
+        });
+      }
+    }
+    for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
+      const int64_t keys = std::min(kBlockK, key_end - k0), width = round_up(keys, kVecSize);
+      const int64_t key_rows = round_up(keys, kAccRegs);
+      float* sb = w.s.data();
+      float* dpb = w.dp.data();
+      block(q0, rows, k0, keys, [&](int64_t i, float* s, float* dp, int64_t visible, uint64_t first) {
+        const int64_t qi = q0 + i;
+        const Vec lse(w.lse[qi]), delta(w.delta[qi]);
+        for (int64_t j = 0; j < width; j += kVecSize) {
+          const Vec prob = (Vec::loadu(s + j) - lse).exp_u20();  // 0 where masked and on rows with lse = inf
+          Vec dprob = Vec::loadu(dp + j), kept = prob;
+          if (f.dropout.on()) {
+            const Vec m = f.dropout.keep(first + j);
+            kept = prob * m;
+            dprob = dprob * m;
+          }
+          (prob * (dprob - delta)).store(dp + j);
+          kept.store(s + j);
+        }
+        if (rel_table) {
+          double* drel = w.drel.data();
+          const int32_t qc = columns[qi];
+          for (int64_t j = 0; j < visible; ++j) {
+            const int32_t distance = std::min(std::max(columns[k0 + j] - qc, -radius), radius);
+            drel[distance + radius] += dp[j];
+          }
+        }
+      });
+      // (P∘M)ᵀ and dSᵀ, [key_rows, kBlockQ], zero rows past the block's keys
+      float* pt = w.pt.data();
+      float* dst = w.dst.data();
+      for (int64_t j = 0; j < keys; ++j) {
+        for (int64_t i = 0; i < rows; ++i) {
+          pt[j * kBlockQ + i] = sb[i * kBlockK + j];
+          dst[j * kBlockQ + i] = dpb[i * kBlockK + j];
+        }
+      }
+      for (int64_t j = keys; j < key_rows; ++j) {
+        std::fill(pt + j * kBlockQ, pt + j * kBlockQ + rows, 0.f);
+        std::fill(dst + j * kBlockQ, dst + j * kBlockQ + rows, 0.f);
+      }
+      // dV_j += (P∘M)ᵀ dO_i;  dK_j += dSᵀ (q_i * scale);  dQ_i += dS K_j
+      gemm_rows(pt, kBlockQ, w.dout.data() + q0 * Dp, Dp, kStrip, rows, w.dv.data() + k0 * Dp, Dp, ones, key_rows, Dp);
+      gemm_rows(dst, kBlockQ, w.q.data() + q0 * Dp, Dp, kStrip, rows, w.dk.data() + k0 * Dp, Dp, ones, key_rows, Dp);
+      gemm_rows(dpb, kBlockK, w.k.data() + k0 * Dp, Dp, kStrip, keys, w.dq.data() + q0 * Dp, Dp, ones, tile_rows, Dp);
+    }
+  }
+  const Vec scale(f.scale);
+  for (int64_t i = 0; i < L; ++i) {
+    T* dst = p.dqkv + (start + i) * 3 * N * D + h * D;
+    const float *dq = w.dq.data() + i * Dp, *dk = w.dk.data() + i * Dp, *dv = w.dv.data() + i * Dp;
+    for_each_vec(D, [&](int64_t d, int64_t n) {
+      store(Vec::loadu(dq + d, n) * scale, dst + d, n);
+      store(Vec::loadu(dk + d, n), dst + N * D + d, n);
+      store(Vec::loadu(dv + d, n), dst + 2 * N * D + d, n);
+    });
+  }
+  if (p.drel) std::copy(w.drel.begin(), w.drel.end(), p.drel + (b * N + h) * p.W);
+}
+
+}  // namespace
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+                     int64_t max_seqlen, double scale, bool causal, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& rel_bias, const std::optional<at::Tensor>& positions) {
+  const Args a = prepare(q, k, v, cu_seqlens, max_seqlen, bias, rel_bias, positions);
+  return std::get<0>(forward(a, scale, causal, Dropout(), false));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_train(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+    double scale, bool causal, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& rel_bias,
+    const std::optional<at::Tensor>& positions, double dropout_p, const std::optional<at::Tensor>& seed) {
+  const Dropout dropout = dropout_arg(dropout_p, seed);
+  const Args a = prepare(q, k, v, cu_seqlens, max_seqlen, bias, rel_bias, positions);
+  return forward(a, scale, causal, dropout, true);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+    double scale, bool causal, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& rel_bias,
+    const std::optional<at::Tensor>& positions, double dropout_p, const std::optional<at::Tensor>& seed) {
+  const Dropout dropout = dropout_arg(dropout_p, seed);
+  const Args a = prepare(q, k, v, cu_seqlens, max_seqlen, bias, rel_bias, positions);
+  const int64_t total = a.total, N = a.N, D = a.D, B = a.B;
+  TORCH_CHECK(grad_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(),
+              "fastbert: attention_backward needs grad and out shaped like q, ", q.sizes(), ", got ",
+              grad_in.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == q.scalar_type() && out_in.scalar_type() == q.scalar_type(),
+              "fastbert: attention_backward needs grad and out in q's dtype, ", q.scalar_type());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 2 && lse_in.size(0) == N &&
+                  lse_in.size(1) == total,
+              "fastbert: lse must be float32 [heads, tokens] = [", N, ", ", total, "], got ", lse_in.scalar_type(),
+              " ", lse_in.sizes());
+  auto grad = unit_last_stride(grad_in), out = unit_last_stride(out_in), lse = lse_in.contiguous();
+  auto dqkv = at::empty({total, 3, N, D}, q.options());
+  const int64_t W = a.rel_bias.defined() ? a.rel_bias.size(1) : 0;
+  auto d_rel = a.rel_bias.defined() ? at::zeros({N, W}, q.options().dtype(at::kFloat))
+                                    : at::empty({0}, q.options().dtype(at::kFloat));
+  if (total == 0 || N == 0 || D == 0) return {dqkv.zero_(), d_rel};
+  dqkv.narrow(0, a.cu[B], total - a.cu[B]).zero_();  // dummy rows
+  at::Tensor parts;
+  if (W) parts = at::zeros({B, N, W}, q.options().dtype(at::kDouble));
+  dispatch_float(q.scalar_type(), "attention_backward", [&](auto tag) {
+    using T = decltype(tag);
+    Backward<T> p{{a.q.const_data_ptr<T>(), a.k.const_data_ptr<T>(), a.v.const_data_ptr<T>(), strides_of(a.q),
+                   strides_of(a.k), strides_of(a.v), nullptr, a.cu, N, D, static_cast<float>(scale), causal,
+                   a.bias_view, a.rel_view},
+                  grad.const_data_ptr<T>(), strides_of(grad), out.const_data_ptr<T>(), strides_of(out),
+                  lse.const_data_ptr<float>(), dqkv.mutable_data_ptr<T>()};
+    p.f.dropout = dropout;
+    p.f.total = total;
+    if (W) {
+      p.drel = parts.mutable_data_ptr<double>();
+      p.W = W;
+    }
+    // The unit of work is a whole (sequence, head), shared out by cost as the forward's blocks.
+    const WorkList work(a.cu, B, N, D, causal, std::max<int64_t>(a.longest, 1));
+    const int64_t nparts = std::min<int64_t>(at::get_num_threads(), work.blocks.size());
+    const int64_t longest = a.longest;
+    at::parallel_for(0, nparts, 1, [&](int64_t begin, int64_t end) {
+      BackScratch scratch(D, longest, W);
+      for (int64_t i = work.first(begin, nparts); i < work.first(end, nparts); ++i) {
+        backward_pair(p, scratch, work.blocks[i].b, work.blocks[i].h);
+      }
+    });
+  });
+  if (W) {  // the sequences' d_rel_bias summed in sequence order
+    const double* pp = parts.const_data_ptr<double>();
+    float* dr = d_rel.mutable_data_ptr<float>();
+    for (int64_t h = 0; h < N; ++h) {
+      for (int64_t j = 0; j < W; ++j) {
+        double acc = 0.0;
+        for (int64_t b = 0; b < B; ++b) acc += pp[(b * N + h) * W + j];
+        dr[h * W + j] = static_cast<float>(acc);
+      }
+    }
+  }
+  return {dqkv, d_rel};
 }
 
 }  // namespace fastbert::cpu

@@ -51,4 +51,24 @@ inline Vec gelu(Vec x) {
   }
 }
 
+// GELU'(x), for the backward: with erf, Φ(x) + x φ(x); with tanh, for σ = sigmoid(2u) (so that
+// 0.5 (1 + tanh u) = σ and 1 - tanh² u = 4 σ (1 - σ)), σ + 2 x σ (1 - σ) k0 (1 + 3 k1 x²). Both stay
+// finite for any |x| (σ saturates to 0 or 1).
+template <Gelu kind>
+inline Vec gelu_grad(Vec x) {
+  const Vec one(1.f);
+  if constexpr (kind == Gelu::kErf) {
+    const Vec cdf = Vec(0.5f) * (one + erf(x * Vec(static_cast<float>(M_SQRT1_2))));
+    const Vec pdf = (x * x * Vec(-0.5f)).exp() * Vec(static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2));
+    return at::vec::fmadd(x, pdf, cdf);
+  } else {
+    const Vec k0(static_cast<float>(M_2_SQRTPI * M_SQRT1_2)), k1(0.044715f);
+    const Vec x2 = x * x;
+    const Vec minus_two_u = Vec(-2.f) * k0 * at::vec::fmadd(k1 * x, x2, x);
+    const Vec sig = one / (one + minus_two_u.exp());
+    const Vec du = k0 * at::vec::fmadd(Vec(3.f) * k1, x2, one);  // du/dx
+    return at::vec::fmadd(Vec(2.f) * x * sig * (one - sig), du, sig);
+  }
+}
+
 }  // namespace fastbert::cpu
