@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from fastbert.kernels.attention import attention
+from fastbert.kernels.attention import attention, attention_backward, attention_train
 from fastbert.kernels.layernorm import add_layernorm, embed_layernorm
 from fastbert.kernels.linear_gelu import linear_gelu
 
 MIN_CAPABILITY = (8, 0)
 
-__all__ = ["add_layernorm", "attention", "embed_layernorm", "implements", "linear_gelu", "unavailable_reason"]
+__all__ = ["add_layernorm", "attention", "attention_backward", "attention_train", "embed_layernorm", "implements", "linear_gelu", "unavailable_reason"]
 
 
 def implements(op: str, device_type: str, dtype: torch.dtype | None = None) -> bool:

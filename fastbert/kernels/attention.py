@@ -724,20 +724,25 @@ class BackwardConfig(NamedTuple):
 def backward_config(head_dim: int, dtype: torch.dtype, interpreting: bool = False, arch: int = 80) -> BackwardConfig:
     """Launch configurations of the dK/dV and dQ kernels (a heuristic; no autotuning).
 
-    The dK/dV kernel keeps two fp32 accumulators [keys, D] and the dQ kernel one [queries, D],
-    each loading two more operand tiles per step: smaller tiles than the forward's. Under the
-    interpreter the blocks are small so that short sequences span several blocks.
+    The dK/dV kernel keeps two fp32 accumulators [keys, D] and the dQ kernel one [queries, D];
+    each also holds a tile of Philox state when dropout is on, the variant that sets the sizes
+    (the compile tests check causal + bias + relative bias + dropout on every architecture, and
+    none of these spills). Steps over the other sequence axis are 16 wide. The block each program
+    owns is 64 where it fits, the smallest ``wgmma`` tile on Hopper; the dK/dV kernel at head
+    dims above 64 and both kernels above 128 need 32 (sm_90 then runs ``mma``). fp32 runs its dots
+    as FMAs: 16 x 16 tiles. Under the interpreter the blocks are small so that short sequences
+    span several blocks.
     """
     if interpreting:
         return BackwardConfig(Config(16, 16, 1, 1), Config(16, 16, 1, 1))
     width = block_d(head_dim)
     if dtype == torch.float32:
-        warps = 4 if width <= 64 else 8
-        return BackwardConfig(Config(16, 32, warps, 1), Config(32, 16, warps, 1))
+        warps = 4 if width <= 128 else 8
+        return BackwardConfig(Config(16, 16, warps, 1), Config(16, 16, 4 if width <= 128 else 16, 1))
     if width <= 64:
-        return BackwardConfig(Config(32, 64, 4, 2), Config(64, 32, 4, 2))
+        return BackwardConfig(Config(16, 64, 4, 1), Config(64, 16, 4, 1))
     if width <= 128:
-        return BackwardConfig(Config(32, 64, 8, 2), Config(64, 32, 8, 2))
+        return BackwardConfig(Config(16, 32, 8, 1), Config(64, 16, 8, 1))
     return BackwardConfig(Config(16, 32, 8, 1), Config(32, 16, 8, 1))
 
 
@@ -749,11 +754,16 @@ def shipped_backward_configs() -> list[tuple[int, torch.dtype, int, BackwardConf
 
 # The widest relative-bias table whose gradient the dQ kernel keeps in registers.
 MAX_REL_WIDTH = 4095
-_PREPROCESS_ROWS = 16
+# Rows per program of the preprocess kernel, and its warps for a tile width.
+PREPROCESS_ROWS = 16
+
+
+def preprocess_warps(width: int) -> int:
+    return 4 if width <= 64 else 8
 
 
 def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions,
-                       dropout_p, seed, launch: BackwardConfig | None = None):
+                       dropout_p, seed, dqkv=None, launch: BackwardConfig | None = None):
     """(dqkv [T, 3, N, D], d_rel_bias); see :func:`fastbert.reference.attention_backward`.
 
     FlashAttention-2's backward from the saved ``out`` (after dropout) and ``lse``: D =
@@ -761,6 +771,8 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
     mask. Deterministic: every gradient element is written by one program, and the relative
     bias's gradient is summed per bucket inside each dQ program and over programs in a fixed
     order. Dummy rows and rows that see no key get zero dq (dummy rows zero dk and dv too).
+    ``dqkv`` (optional, contiguous ``[T, 3, N, D]`` in q's dtype) receives the gradients;
+    ``launch`` overrides :func:`backward_config`.
     """
     reference.check_dropout(dropout_p, seed)
     _check_inputs(q, k, v, cu_seqlens, rel_bias, positions)
@@ -776,7 +788,11 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
         raise NotImplementedError(f"the triton backend has no gradient for rel_bias tables wider than {MAX_REL_WIDTH}")
     q, k, v, grad, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, grad, out))
     lse = lse.contiguous()
-    dqkv = torch.empty(T, 3, heads, head_dim, dtype=q.dtype, device=q.device)
+    if dqkv is None:
+        dqkv = torch.empty(T, 3, heads, head_dim, dtype=q.dtype, device=q.device)
+    elif dqkv.shape != (T, 3, heads, head_dim) or dqkv.dtype != q.dtype or dqkv.stride(-1) != 1:
+        raise ValueError(f"dqkv must be {q.dtype} [{T}, 3, {heads}, {head_dim}] with a contiguous last dim, "
+                         f"got {dqkv.dtype} {tuple(dqkv.shape)}")
     d_rel = torch.zeros(rel_bias.shape if rel_bias is not None else (0,), dtype=torch.float32, device=q.device)
     if T == 0 or batch == 0 or max_seqlen == 0:
         return dqkv.zero_(), d_rel
@@ -792,10 +808,10 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(2))
     with on_device_of(q):
-        _attention_bwd_preprocess[(triton.cdiv(T, _PREPROCESS_ROWS), heads)](
+        _attention_bwd_preprocess[(triton.cdiv(T, PREPROCESS_ROWS), heads)](
             out, grad, delta, dqkv, cu_seqlens, out.stride(0), out.stride(1), grad.stride(0), grad.stride(1),
             dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), T, batch,
-            HEAD_DIM=head_dim, BLOCK_D=width_d, BLOCK_M=_PREPROCESS_ROWS, num_warps=4 if width_d <= 64 else 8)
+            HEAD_DIM=head_dim, BLOCK_D=width_d, BLOCK_M=PREPROCESS_ROWS, num_warps=preprocess_warps(width_d))
         c = cfg.dkdv
         _attention_bwd_dkdv[(triton.cdiv(max_seqlen, c.block_n), heads, batch)](
             q, k, v, grad, dk, dv, lse, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, seed_arg,
