@@ -242,3 +242,135 @@ def test_attention_train_rejects_bad_dropout(device):
         attention_train(q, k, v, cu, 5, 0.25, False, None, None, None, 1.0, _seed(device))
     with pytest.raises(ValueError, match="seed"):
         attention_train(q, k, v, cu, 5, 0.25, False, None, None, None, 0.1, None)
+
+
+# ----------------------------------------------------------------------------- add_layernorm
+
+
+@pytest.mark.parametrize("p", [0.0, P], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden", [(1, 7), (33, 100), (9, 384)])
+def test_add_layernorm_train_and_backward(device, dtype, rows, hidden, with_bias, p):
+    _runnable(device, dtype)
+    from fastbert.kernels import add_layernorm_backward, add_layernorm_train
+
+    x = (torch.randn(rows, hidden, device=device) * 3 + 1).to(dtype)
+    residual = torch.randn(hidden, rows, device=device).to(dtype).t()  # non-contiguous
+    bias = torch.randn(hidden, device=device).to(dtype) if with_bias else None
+    weight, ln_bias = (torch.randn(hidden, device=device).to(dtype) for _ in range(2))
+    seed, eps = _seed(device), 1e-12
+    inputs = (x, residual, bias, weight, ln_bias)
+    as64 = [t.double() if t is not None else None for t in inputs]
+    out, mean, rstd = add_layernorm_train(*inputs, eps, p, seed, out=_poison(x.shape, dtype, device))
+    out64, mean64, rstd64 = reference.add_layernorm_train(*as64, eps, p, seed)
+    peer = reference.add_layernorm_train(*inputs, eps, p, seed)
+    assert_within_rule(out, out64, peer[0])
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (rows,)
+    assert_within_rule(mean, mean64, peer[1], floor=FLOOR[dtype])
+    assert_within_rule(rstd / rstd64, torch.ones_like(rstd64), peer[2] / rstd64, floor=FLOOR[dtype])  # relative
+    if p:
+        # The kernel drops the same elements: where the mask drops, dx is exactly zero.
+        offsets = torch.arange(rows, device=device)[:, None] * hidden + torch.arange(hidden, device=device)
+        keep = reference.dropout_keep(seed, offsets, p)
+    grad = torch.randn(rows, hidden, device=device).to(dtype)
+    got = add_layernorm_backward(grad, *inputs, mean, rstd, eps, p, seed)
+    want = reference.add_layernorm_backward(grad.double(), *as64, mean64, rstd64, eps, p, seed)
+    peers = reference.add_layernorm_backward(grad, *inputs, peer[1], peer[2], eps, p, seed)
+    for name, a, b, c in zip(("dx", "dresidual", "dbias", "dweight", "dln_bias"), got, want, peers):
+        if name == "dbias" and bias is None:
+            assert a.shape == (0,)
+            continue
+        assert a.dtype == c.dtype, name
+        # Column sums over every row: the peer (autograd in fp32, rounded once) and the kernel
+        # (fp32 partial sums, rounded once) differ in order only; the floor scales with the rows.
+        floor = FLOOR[dtype] * (rows**0.5 if name in ("dbias", "dweight", "dln_bias") else 1)
+        try:
+            assert_within_rule(a, b, c, floor=floor)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+    if p:
+        assert torch.equal(got[0] == 0, ~keep | (got[1] == 0))
+    rerun = add_layernorm_backward(grad, *inputs, mean, rstd, eps, p, seed)
+    assert all(torch.equal(a, b) for a, b in zip(got, rerun))
+
+
+# ----------------------------------------------------------------------------- embed_layernorm
+
+
+@pytest.mark.parametrize("p", [0.0, P], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,hidden", [(1, 7), (37, 100)])
+def test_embed_layernorm_train_and_backward(device, dtype, tokens, hidden, p):
+    _runnable(device, dtype)
+    from fastbert.kernels import embed_layernorm_backward, embed_layernorm_train
+
+    vocab, n_pos, types = 11, 9, 2  # few rows: ids repeat, so table rows sum several tokens
+    ids = [torch.randint(0, n, (tokens,), device=device) for n in (vocab, n_pos, types)]
+    ids[0][0] = 1  # the word padding row below
+    tables = [torch.randn(n, hidden, device=device).to(dtype) for n in (vocab, n_pos, types)]
+    weight, ln_bias = (torch.randn(hidden, device=device).to(dtype) for _ in range(2))
+    seed, eps, pads = _seed(device), 1e-12, (1, -1)
+    params = (*tables, weight, ln_bias)
+    as64 = [t.double() for t in params]
+    out, mean, rstd = embed_layernorm_train(*ids, *params, eps, p, seed, *pads,
+                                            out=_poison((tokens, hidden), dtype, device))
+    out64, mean64, rstd64 = reference.embed_layernorm_train(*ids, *as64, eps, p, seed, *pads)
+    peer = reference.embed_layernorm_train(*ids, *params, eps, p, seed, *pads)
+    assert_within_rule(out, out64, peer[0])
+    assert_within_rule(mean, mean64, peer[1], floor=FLOOR[dtype])
+    assert_within_rule(rstd / rstd64, torch.ones_like(rstd64), peer[2] / rstd64, floor=FLOOR[dtype])
+    if p:
+        offsets = torch.arange(tokens, device=device)[:, None] * hidden + torch.arange(hidden, device=device)
+        assert torch.equal(out != 0, reference.dropout_keep(seed, offsets, p))
+    grad = torch.randn(tokens, hidden, device=device).to(dtype)
+    got = embed_layernorm_backward(grad, *ids, *params, mean, rstd, eps, p, seed, *pads)
+    want = reference.embed_layernorm_backward(grad.double(), *ids, *as64, mean64, rstd64, eps, p, seed, *pads)
+    peers = reference.embed_layernorm_backward(grad, *ids, *params, peer[1], peer[2], eps, p, seed, *pads)
+    for name, a, b, c in zip(("dword", "dposition", "dtoken_type", "dweight", "dln_bias"), got, want, peers):
+        assert a.dtype == c.dtype and a.shape == c.shape, name
+        try:
+            assert_within_rule(a, b, c, floor=FLOOR[dtype] * tokens**0.5)  # sums over tokens, as above
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+    assert (got[0][1] == 0).all(), "the padding row got a gradient"
+
+
+# ----------------------------------------------------------------------------- linear_gelu
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N", [(1, 16, 16), (37, 50, 70)])
+def test_linear_gelu_train_and_backward(device, dtype, approximate, M, K, N):
+    _runnable(device, dtype)
+    from fastbert.kernels import linear_gelu_backward, linear_gelu_train
+
+    x = torch.randn(M, K + 3, device=device).to(dtype)[:, :K]  # strided rows
+    weight = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    bias = torch.randn(N, device=device).to(dtype)
+    out, pre = linear_gelu_train(x, weight, bias, approximate, out=_poison((M, N), dtype, device))
+    out64, pre64 = reference.linear_gelu_train(x.double(), weight.double(), bias.double(), approximate)
+    peer, peer_pre = reference.linear_gelu_train(x, weight, bias, approximate)
+    assert_within_rule(out, out64, peer)
+    assert_within_rule(pre, pre64, peer_pre)
+    # The backward from the same saved pre-activation as the reference's, so only it is tested.
+    grad = torch.randn(N, M, device=device).to(dtype).t()  # non-contiguous
+    got = linear_gelu_backward(grad, x, weight, peer_pre, approximate)
+    want = reference.linear_gelu_backward(grad.double(), x.double(), weight.double(), peer_pre.double(), approximate)
+    peers = reference.linear_gelu_backward(grad, x, weight, peer_pre, approximate)
+    for name, a, b, c in zip(("dx", "dweight", "dbias"), got, want, peers):
+        assert a.dtype == c.dtype and a.shape == c.shape, name
+        try:
+            assert_within_rule(a, b, c)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+
+
+def test_implements_leaves_fp32_gemm_ops_on_cuda():
+    import fastbert.kernels as kernels
+
+    for op in ("linear_gelu", "linear_gelu_train", "linear_gelu_backward"):
+        assert not kernels.implements(op, "cuda", torch.float32)
+        assert kernels.implements(op, "cuda", torch.float16) and kernels.implements(op, "cpu", torch.float32)
+    assert kernels.implements("attention_backward", "cuda", torch.float32)
