@@ -27,7 +27,9 @@ import torch
 from fastbert.kernels.attention import HEAD_DIMS, PREPROCESS_ROWS, block_d, preprocess_warps
 from fastbert.kernels.attention import shipped_backward_configs as attention_backward_configs
 from fastbert.kernels.attention import shipped_configs as attention_configs
+from fastbert.kernels.layernorm import shipped_backward_configs as layernorm_backward_configs
 from fastbert.kernels.layernorm import shipped_configs as layernorm_configs
+from fastbert.kernels.linear_gelu import backward_config as gelu_backward_config
 from fastbert.kernels.linear_gelu import shipped_configs as linear_gelu_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,16 +144,32 @@ def _linear_gelu_cases() -> list[dict]:
     for dtype, cfg in linear_gelu_configs():
         t = TYPE[dtype]
         signature = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": f"*{t}",
-                     "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
-        cases.append({
-            "kernel": "linear_gelu", "module": "fastbert.kernels.linear_gelu", "fn": "_linear_gelu",
-            "label": f"{t} M{cfg.block_m} N{cfg.block_n} K{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}",
-            "signature": signature,
-            "constexprs": {"APPROX_TANH": False, "EVEN_K": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                           "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
-            "aligned": [n for n in signature if n != "M"],
-            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "matrix": dtype != torch.float32,
-        })
+                     "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
+                     "pre_ptr": f"*{t}"}
+        for store_pre in (False, True):  # inference; training (also stores the pre-activation)
+            cases.append({
+                "kernel": "linear_gelu_train" if store_pre else "linear_gelu",
+                "module": "fastbert.kernels.linear_gelu", "fn": "_linear_gelu",
+                "label": f"{t} M{cfg.block_m} N{cfg.block_n} K{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}",
+                "signature": signature,
+                "constexprs": {"APPROX_TANH": False, "EVEN_K": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                               "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "STORE_PRE": store_pre},
+                "aligned": [n for n in signature if n != "M"],
+                "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "matrix": dtype != torch.float32,
+            })
+    cfg = gelu_backward_config()
+    for t in ("fp16", "fp32"):
+        for tanh in (False, True):
+            signature = {"grad_ptr": f"*{t}", "pre_ptr": f"*{t}", "dpre_ptr": f"*{t}", "partial_ptr": "*fp32",
+                         "M": "i32", "N": "i32", "stride_gm": "i32", "stride_pm": "i32"}
+            cases.append({
+                "kernel": "gelu_backward", "module": "fastbert.kernels.linear_gelu", "fn": "_gelu_bwd",
+                "label": f"{t} {'tanh' if tanh else 'erf'} M{cfg.block_m} N{cfg.block_n} w{cfg.num_warps}",
+                "signature": signature,
+                "constexprs": {"APPROX_TANH": tanh, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n},
+                "aligned": [n for n in signature if n != "M"], "num_warps": cfg.num_warps, "num_stages": 1,
+                "matrix": False,
+            })
     return cases
 
 
@@ -163,26 +181,64 @@ def _layernorm_cases() -> list[dict]:
             t = TYPE[dtype]
             signature = {"x_ptr": f"*{t}", "res_ptr": f"*{t}", "bias_ptr": f"*{t}", "w_ptr": f"*{t}",
                          "b_ptr": f"*{t}", "y_ptr": f"*{t}", "n_rows": "i32", "H": "i32", "stride_x": "i32",
-                         "stride_res": "i32", "stride_y": "i32", "eps": "fp32"}
-            cases.append({
-                "kernel": "add_layernorm", "module": "fastbert.kernels.layernorm", "fn": "_add_layernorm",
-                "label": f"{t} H{cfg.block_h} rows{cfg.rows} w{cfg.num_warps}",
-                "signature": signature,
-                "constexprs": {"HAS_BIAS": True, "BLOCK_H": cfg.block_h, "ROWS": cfg.rows},
-                "aligned": [n for n in signature if n not in ("n_rows", "H", "eps")],
-                "num_warps": cfg.num_warps, "num_stages": 1, "matrix": False,
-            })
+                         "stride_res": "i32", "stride_y": "i32", "eps": "fp32", "mean_ptr": "*fp32",
+                         "rstd_ptr": "*fp32", "seed_ptr": "*i64", "dropout_p": "fp32"}
+            for train in (False, True):  # inference; training (statistics stored, dropout)
+                cases.append({
+                    "kernel": "add_layernorm_train" if train else "add_layernorm",
+                    "module": "fastbert.kernels.layernorm", "fn": "_add_layernorm",
+                    "label": f"{t} H{cfg.block_h} rows{cfg.rows} w{cfg.num_warps}",
+                    "signature": signature,
+                    "constexprs": {"HAS_BIAS": True, "BLOCK_H": cfg.block_h, "ROWS": cfg.rows, "STATS": train,
+                                   "DROPOUT": train},
+                    "aligned": [n for n in signature if n not in ("n_rows", "H", "eps", "dropout_p")],
+                    "num_warps": cfg.num_warps, "num_stages": 1, "matrix": False,
+                })
         if cfg.block_h >= 16:  # embeddings: hidden sizes of 16 and up
             signature = {"word_ids_ptr": "*i64", "pos_ids_ptr": "*i64", "type_ids_ptr": "*i64", "word_ptr": "*fp16",
                          "pos_ptr": "*fp16", "type_ptr": "*fp16", "w_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*fp16",
                          "n_rows": "i32", "H": "i32", "stride_word": "i32", "stride_pos": "i32", "stride_type": "i32",
-                         "stride_y": "i32", "eps": "fp32"}
+                         "stride_y": "i32", "eps": "fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                         "seed_ptr": "*i64", "dropout_p": "fp32"}
+            for train in (False, True):
+                cases.append({
+                    "kernel": "embed_layernorm_train" if train else "embed_layernorm",
+                    "module": "fastbert.kernels.layernorm", "fn": "_embed_layernorm",
+                    "label": f"fp16 H{cfg.block_h} rows{cfg.rows} w{cfg.num_warps}",
+                    "signature": signature,
+                    "constexprs": {"BLOCK_H": cfg.block_h, "ROWS": cfg.rows, "STATS": train, "DROPOUT": train},
+                    "aligned": [n for n in signature if n not in ("n_rows", "H", "eps", "dropout_p")],
+                    "num_warps": cfg.num_warps, "num_stages": 1, "matrix": False,
+                })
+    for cfg in layernorm_backward_configs():
+        # The backward kernels with dropout (and, add+LN, the bias): fp16 at every width, fp32
+        # where rows are wide enough to matter.
+        for dtype in (torch.float16, torch.float32) if cfg.block_h >= 1024 else (torch.float16,):
+            t = TYPE[dtype]
+            signature = {"grad_ptr": f"*{t}", "x_ptr": f"*{t}", "res_ptr": f"*{t}", "bias_ptr": f"*{t}",
+                         "w_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "seed_ptr": "*i64",
+                         "dx_ptr": f"*{t}", "dres_ptr": f"*{t}", "partial_ptr": "*fp32",
+                         **{s: "i32" for s in ("n_rows", "H", "rows_per_program", "stride_g", "stride_x", "stride_res",
+                                               "stride_dx", "stride_dres")}, "dropout_p": "fp32"}
             cases.append({
-                "kernel": "embed_layernorm", "module": "fastbert.kernels.layernorm", "fn": "_embed_layernorm",
-                "label": f"fp16 H{cfg.block_h} rows{cfg.rows} w{cfg.num_warps}",
-                "signature": signature,
-                "constexprs": {"BLOCK_H": cfg.block_h, "ROWS": cfg.rows},
-                "aligned": [n for n in signature if n not in ("n_rows", "H", "eps")],
+                "kernel": "add_layernorm_bwd", "module": "fastbert.kernels.layernorm", "fn": "_add_layernorm_bwd",
+                "label": f"{t} H{cfg.block_h} rows{cfg.rows} w{cfg.num_warps}", "signature": signature,
+                "constexprs": {"HAS_BIAS": True, "DROPOUT": True, "BLOCK_H": cfg.block_h, "ROWS": cfg.rows},
+                "aligned": [n for n in signature if n not in ("n_rows", "H", "dropout_p", "rows_per_program")],
+                "num_warps": cfg.num_warps, "num_stages": 1, "matrix": False,
+            })
+        if cfg.block_h >= 16:
+            signature = {"grad_ptr": "*fp16", "word_ids_ptr": "*i64", "pos_ids_ptr": "*i64", "type_ids_ptr": "*i64",
+                         "word_ptr": "*fp16", "pos_ptr": "*fp16", "type_ptr": "*fp16", "w_ptr": "*fp16",
+                         "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "seed_ptr": "*i64", "dh_ptr": "*fp32",
+                         "partial_ptr": "*fp32",
+                         **{s: "i32" for s in ("n_rows", "H", "rows_per_program", "stride_g", "stride_word",
+                                               "stride_pos", "stride_type", "stride_dh")}, "dropout_p": "fp32"}
+            cases.append({
+                "kernel": "embed_layernorm_bwd", "module": "fastbert.kernels.layernorm", "fn": "_embed_layernorm_bwd",
+                "label": f"fp16 H{cfg.block_h} rows{cfg.rows} w{cfg.num_warps}", "signature": signature,
+                "constexprs": {"DROPOUT": True, "BLOCK_H": cfg.block_h, "ROWS": cfg.rows},
+                "aligned": [n for n in signature if n not in ("n_rows", "H", "dropout_p", "rows_per_program")],
                 "num_warps": cfg.num_warps, "num_stages": 1, "matrix": False,
             })
     return cases

@@ -110,12 +110,15 @@ def _check_attention_train(q, k, v, cu, max_seqlen, causal, bias=None, rel_bias=
     if rel_bias is None:
         assert d_rel.shape == (0,) and d_rel.dtype == torch.float32
     else:
-        # Each table entry sums dS over every row of a head, and each row's dS carries the
-        # rounding of D = rowsum(dO * O) from the output saved in the input dtype (as in
-        # FlashAttention; the reference recomputes it unrounded): independent per row, so the
-        # floor grows with the square root of the rows.
+        # Each table entry sums dS = P (dP - D) over rows of a head, and D = rowsum(dO * O) is
+        # taken from the output saved in the input dtype (as in FlashAttention; the reference
+        # recomputes it unrounded). Rounding O moves D_i by at most u Σ_d |dO_id O_id| (u the
+        # unit roundoff), and the P of one row sum to at most 1, so an entry moves by at most
+        # Σ_i of that: the floor (tiny in fp32).
+        u = torch.finfo(q.dtype).eps / 2
+        moved = (grad[:real].double().abs() * out[:real].double().abs()).sum(-1).sum(0).max().item() * u
         assert d_rel.dtype == torch.float32
-        assert_within_rule(d_rel, d_rel64, peer_rel, floor=FLOOR[q.dtype] * real**0.5)
+        assert_within_rule(d_rel, d_rel64, peer_rel, floor=FLOOR[q.dtype] + moved)
     return out, lse, dqkv, d_rel
 
 
@@ -133,7 +136,8 @@ CASES = {
 def test_attention_train_and_backward(device, dtype, case):
     _runnable(device, dtype)
     lengths, head_dim, causal, p = case
-    q, k, v, cu = _packed_qkv(lengths, 2, head_dim, dtype, device)
+    heads = 1 if max(lengths) > 64 else 2  # the interpreter's time grows with the square of the length
+    q, k, v, cu = _packed_qkv(lengths, heads, head_dim, dtype, device)
     _check_attention_train(q, k, v, cu, max(lengths), causal, p=p)
 
 

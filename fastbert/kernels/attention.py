@@ -737,8 +737,8 @@ def backward_config(head_dim: int, dtype: torch.dtype, interpreting: bool = Fals
         return BackwardConfig(Config(16, 16, 1, 1), Config(16, 16, 1, 1))
     width = block_d(head_dim)
     if dtype == torch.float32:
-        warps = 4 if width <= 128 else 8
-        return BackwardConfig(Config(16, 16, warps, 1), Config(16, 16, 4 if width <= 128 else 16, 1))
+        dq_warps = 4 if width <= 64 else 8 if width <= 128 else 16  # fewer spill (16-96 bytes on sm_80)
+        return BackwardConfig(Config(16, 16, 4 if width <= 128 else 8, 1), Config(16, 16, dq_warps, 1))
     if width <= 64:
         return BackwardConfig(Config(16, 64, 4, 1), Config(64, 16, 4, 1))
     if width <= 128:
