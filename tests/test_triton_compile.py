@@ -27,6 +27,7 @@ import torch
 from fastbert.kernels.attention import HEAD_DIMS, PREPROCESS_ROWS, block_d, preprocess_warps
 from fastbert.kernels.attention import shipped_backward_configs as attention_backward_configs
 from fastbert.kernels.attention import shipped_configs as attention_configs
+from fastbert.kernels.attention import shipped_train_configs as attention_train_configs
 from fastbert.kernels.layernorm import shipped_backward_configs as layernorm_backward_configs
 from fastbert.kernels.layernorm import shipped_configs as layernorm_configs
 from fastbert.kernels.linear_gelu import backward_config as gelu_backward_config
@@ -41,6 +42,7 @@ def _attention_cases() -> list[dict]:
     strides = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh",
                "stride_bb", "stride_bh", "stride_bm", "stride_rh"]
     cases = []
+    train_configs = {(d, dt, arch, rel): cfg for d, dt, arch, rel, cfg in attention_train_configs()}
     for head_dim, dtype, arch, masked, rel, cfg in attention_configs():
         # Causal with a bias is the masked variant with the most live values, compiled for fp16 at
         # every head dim; the plain one (the hot path) at one head dim per fp16 tile shape. bf16
@@ -65,14 +67,16 @@ def _attention_cases() -> list[dict]:
                           "BLOCK_N": cfg.block_n, "CAUSAL": causal, "HAS_BIAS": bias, "REL_BIAS": rel, "stride_bn": 1}
             aligned = [n for n in signature if n not in ("qk_scale", "rel_radius", "dropout_p")]
             if masked:
-                # Training runs the masked configurations with the lse stored and dropout on.
+                # The training forward (its own configurations) with the lse stored and dropout on.
+                train = train_configs[(head_dim, dtype, arch, rel)]
+                tc = {**constexprs, "BLOCK_M": train.block_m, "BLOCK_N": train.block_n, "STORE_LSE": True,
+                      "DROPOUT": True}
                 cases.append({
                     "kernel": "attention_train", "module": "fastbert.kernels.attention", "fn": "_attention_fwd",
                     "label": f"{t} hd{head_dim} {'causal+bias+rel' if rel else 'causal+bias'}+dropout "
-                             f"M{cfg.block_m} N{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
-                    "signature": signature, "constexprs": {**constexprs, "STORE_LSE": True, "DROPOUT": True},
-                    "aligned": aligned, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                    "matrix": dtype != torch.float32, "archs": (arch,),
+                             f"M{train.block_m} N{train.block_n} w{train.num_warps} s{train.num_stages}",
+                    "signature": signature, "constexprs": tc, "aligned": aligned, "num_warps": train.num_warps,
+                    "num_stages": train.num_stages, "matrix": dtype != torch.float32, "archs": (arch,),
                 })
             cases.append({
                 "kernel": "attention", "module": "fastbert.kernels.attention", "fn": "_attention_fwd",

@@ -554,7 +554,7 @@ def block_d(head_dim: int) -> int:
 
 
 def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False, arch: int = 80,
-           masked: bool = True, rel_bias: bool = False) -> Config:
+           masked: bool = True, rel_bias: bool = False, train: bool = False) -> Config:
     """The launch configuration (a heuristic; no autotuning) for a head dim and dtype on GPU
     architecture ``arch`` (80: Ampere, 90: Hopper), ``masked`` when causal, with a bias or with
     a relative bias (the variants with more live values), ``rel_bias`` with the latter.
@@ -567,6 +567,14 @@ def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False, arch: 
     # The largest tiles that spill no registers with Triton 3.6 or 3.9 (the compile tests check
     # every shipped configuration on its architecture).
     width = block_d(head_dim)
+    if train and dtype != torch.float32:
+        # The training forward (lse stored, a Philox tile per step when dropping) spilled at the
+        # inference tiles on sm_80 for head dims 33-128 and on sm_90 at 256 with the relative
+        # bias: fewer keys per step there.
+        if arch < 90 and 32 < width <= 128:
+            return Config(128, 32, 8, 2) if width <= 64 else Config(64, 32, 8, 2)
+        if arch >= 90 and width > 128:
+            return Config(64, 16, 8, 2)
     if dtype == torch.float32:
         # fp32 runs its dots as exact fp32 FMAs (no tensor cores): small tiles. With the
         # relative-bias gather live too, sm_80 spilled (8-32 bytes) at 32x32 tiles for head dims
@@ -592,6 +600,12 @@ def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False, arch: 
 
 
 ARCHS = (80, 90)
+
+
+def shipped_train_configs() -> list[tuple[int, torch.dtype, int, bool, Config]]:
+    """(head_dim, dtype, arch, rel_bias, config) for every case the training forward serves on a GPU."""
+    return [(d, dt, arch, rel, config(d, dt, arch=arch, rel_bias=rel, train=True)) for d in HEAD_DIMS
+            for dt in (torch.float16, torch.bfloat16, torch.float32) for arch in ARCHS for rel in (False, True)]
 
 
 def shipped_configs() -> list[tuple[int, torch.dtype, int, bool, bool, Config]]:
@@ -652,7 +666,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, pos
     dropout = dropout_p > 0
     cfg = launch or config(head_dim, q.dtype, _compat.interpreting(), _arch(q.device) if q.is_cuda else 80,
                            masked=causal or bias is not None or rel_bias is not None or lse is not None,
-                           rel_bias=rel_bias is not None)
+                           rel_bias=rel_bias is not None, train=lse is not None)
     bias_args, rel_args = _extra_args(q, cu_seqlens, max_seqlen, bias, rel_bias, positions)
     grid = (triton.cdiv(max_seqlen, cfg.block_m), heads, batch)
     with on_device_of(q):
@@ -738,7 +752,7 @@ def backward_config(head_dim: int, dtype: torch.dtype, interpreting: bool = Fals
     width = block_d(head_dim)
     if dtype == torch.float32:
         dq_warps = 4 if width <= 64 else 8 if width <= 128 else 16  # fewer spill (16-96 bytes on sm_80)
-        return BackwardConfig(Config(16, 16, 4 if width <= 128 else 8, 1), Config(16, 16, dq_warps, 1))
+        return BackwardConfig(Config(16, 16, 4 if width <= 64 else 8, 1), Config(16, 16, dq_warps, 1))
     if width <= 64:
         return BackwardConfig(Config(16, 64, 4, 1), Config(64, 16, 4, 1))
     if width <= 128:

@@ -368,6 +368,9 @@ def embed_layernorm(
 
 # The most programs a backward launch uses: each adds one row of H partial sums to reduce.
 MAX_PARTIALS = 512
+# The backward keeps four rows' worth of values live (input, gradient, x̂, dh): at 8192 columns
+# that spilled at 16 and 32 warps, so it serves up to 4096 (every BERT-family hidden size).
+MAX_BACKWARD_HIDDEN = 4096
 
 
 def backward_config(hidden: int, interpreting: bool = False) -> Config:
@@ -382,7 +385,7 @@ def backward_config(hidden: int, interpreting: bool = False) -> Config:
 
 
 def shipped_backward_configs() -> list[Config]:
-    return [backward_config(2**p) for p in range(0, MAX_HIDDEN.bit_length())]
+    return [backward_config(2**p) for p in range(0, MAX_BACKWARD_HIDDEN.bit_length())]
 
 
 def _split_rows(n_rows: int, rows: int, interpreting: bool) -> tuple[int, int]:
@@ -415,8 +418,9 @@ def add_layernorm_backward(grad, x, residual, bias, weight, ln_bias, mean, rstd,
     gradients are per-program fp32 column sums reduced afterwards in a fixed order."""
     reference.check_dropout(dropout_p, seed)
     H = x.shape[-1]
-    if H > MAX_HIDDEN:
-        raise ValueError(f"hidden size {H} is above the largest the Triton add_layernorm supports, {MAX_HIDDEN}")
+    if H > MAX_BACKWARD_HIDDEN:
+        raise ValueError(f"hidden size {H} is above the largest the Triton add_layernorm_backward supports, "
+                         f"{MAX_BACKWARD_HIDDEN}")
     x2, res2, g2 = (t.reshape(-1, H) for t in (x, residual, grad))
     x2, res2, g2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, res2, g2))
     bias, weight = (t.contiguous() if t is not None else None for t in (bias, weight))
@@ -465,8 +469,9 @@ def embed_layernorm_backward(grad, input_ids, position_ids, token_type_ids, word
     (deterministic)."""
     reference.check_dropout(dropout_p, seed)
     T, H = input_ids.shape[0], word_embeddings.shape[1]
-    if H > MAX_HIDDEN:
-        raise ValueError(f"hidden size {H} is above the largest the Triton embed_layernorm supports, {MAX_HIDDEN}")
+    if H > MAX_BACKWARD_HIDDEN:
+        raise ValueError(f"hidden size {H} is above the largest the Triton embed_layernorm_backward supports, "
+                         f"{MAX_BACKWARD_HIDDEN}")
     ids = [t.contiguous() for t in (input_ids, position_ids, token_type_ids)]
     tables = [t if t.stride(-1) == 1 else t.contiguous() for t in (word_embeddings, position_embeddings, token_type_embeddings)]
     g2 = grad if grad.stride(-1) == 1 else grad.contiguous()
