@@ -24,6 +24,18 @@ normaliser of an online softmax, so the ``S x S`` score matrix never exists in m
   the clamped index always lies in the table, so the gather needs no mask.
 * Each sequence's base offset is computed in int64, so packed tensors beyond 2**31 elements
   index correctly; offsets within one sequence (length x token stride) must fit in int32.
+
+Training (:func:`attention_train`, :func:`attention_backward`): the same forward kernel with
+two constexpr flags stores the natural-log log-sum-exp (``STORE_LSE``) and drops normalised
+probabilities (``DROPOUT``) with ``tl.rand(seed, ((head * T + packed row) << 32) | key)``, the
+seed read from a one-element int64 tensor in the kernel; with both off it is the inference
+kernel. The backward is FlashAttention-2's: D = rowsum(dO * O) (which also zeroes the dummy
+rows' gradients), a dK/dV kernel per key block walking its sequence's query blocks, a dQ kernel
+per query block walking the key blocks, both recomputing P = exp(s - lse) and the dropout mask,
+with the forward's causal split and biases. No atomics: the relative-bias gradient is summed per
+distance bucket inside each dQ program (one bucket at a time over the range a tile touches, so
+it costs about a tile pass per bucket there: correct and deterministic, not fast) and over the
+programs in a fixed order.
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@ variance in fp32 over the row (the variance from the centred values, not E[x²] 
 cancels badly), and writes the result once in the output dtype. Any hidden size up to
 ``MAX_HIDDEN`` works; the row is padded to the next power of two with masked loads. Small rows
 are batched several to a program so that each program still moves a useful amount of memory.
+
+Training: the same kernels store the fp32 mean and rstd (``STATS``) and apply dropout
+(``DROPOUT``: on x + bias before the residual for add+LN, on the output for embeddings+LN;
+counter token · H + column through ``tl.rand``). The backward kernels recompute the row from
+the inputs and the saved statistics, write the row gradients, and sum the parameter gradients
+per program into a [programs, H] fp32 buffer reduced afterwards in a fixed order.
 """
 
 from __future__ import annotations

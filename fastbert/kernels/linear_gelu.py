@@ -13,6 +13,10 @@ rather than TF32, which is slower but keeps parity with PyTorch's fp32 ``F.linea
 GELU is exact (erf) by default; ``approximate="tanh"`` is HF's ``gelu_new`` /
 ``gelu_pytorch_tanh``, written as ``x * sigmoid(2u)`` (= ``0.5 x (1 + tanh u)``) through
 ``exp2``, so it needs no libdevice ``tanh``.
+
+Training: with ``STORE_PRE`` the kernel also stores the pre-activation x Wᵀ + b; the backward
+is one elementwise kernel for dpre = grad · GELU′(pre) (tanh through ``exp2`` there too) with
+per-row-block column sums for dbias, then two torch matmuls for dx and dW.
 """
 
 from __future__ import annotations
