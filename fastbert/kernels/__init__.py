@@ -14,23 +14,35 @@ from __future__ import annotations
 
 import torch
 
-from fastbert.kernels.attention import attention
-from fastbert.kernels.layernorm import add_layernorm, embed_layernorm
-from fastbert.kernels.linear_gelu import linear_gelu
+from fastbert.kernels.attention import attention, attention_backward, attention_train
+from fastbert.kernels.layernorm import (
+    add_layernorm,
+    add_layernorm_backward,
+    add_layernorm_train,
+    embed_layernorm,
+    embed_layernorm_backward,
+    embed_layernorm_train,
+)
+from fastbert.kernels.linear_gelu import linear_gelu, linear_gelu_backward, linear_gelu_train
 
 MIN_CAPABILITY = (8, 0)
 
-__all__ = ["add_layernorm", "attention", "embed_layernorm", "implements", "linear_gelu", "unavailable_reason"]
+__all__ = ["add_layernorm", "add_layernorm_backward", "add_layernorm_train", "attention", "attention_backward",
+           "attention_train", "embed_layernorm", "embed_layernorm_backward", "embed_layernorm_train", "implements",
+           "linear_gelu", "linear_gelu_backward", "linear_gelu_train", "unavailable_reason"]
+
+# fp32 GEMM-bearing ops left to the next backend on a GPU (see implements).
+_FP32_GEMM_OPS = ("linear_gelu", "linear_gelu_train", "linear_gelu_backward")
 
 
 def implements(op: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
     """Whether these kernels serve ``op`` for ``dtype`` weights on ``device_type`` tensors.
 
-    fp32 ``linear_gelu`` on a GPU is left to cuBLAS (the next backend's GEMM plus a fused
+    fp32 ``linear_gelu`` (and its training forward and backward) on a GPU is left to cuBLAS (the next backend's GEMM plus a fused
     bias+GELU pass): Triton's fp32 ``tl.dot`` at full precision runs on plain FMAs, with no
     tensor cores. The interpreter (CPU tensors) serves it, so the kernel stays tested.
     """
-    return not (op == "linear_gelu" and device_type == "cuda" and dtype == torch.float32)
+    return not (op in _FP32_GEMM_OPS and device_type == "cuda" and dtype == torch.float32)
 
 
 def unavailable_reason(device_type: str) -> str | None:
