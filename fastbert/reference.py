@@ -214,7 +214,9 @@ def _attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, p
 def attention_train(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed):
     """:func:`attention` with dropout on the probabilities, also returning the log-sum-exp.
 
-    Returns ``(out [T, N, D], lse [N, T])``. ``lse`` is fp32 (fp64 for fp64 inputs): for each
+    Returns ``(out [T, N, D], lse [N, T])``; unlike :func:`attention`'s, the dummy rows of ``out``
+    must be zeros (the backward of the layers after it multiplies them by zero gradients, which
+    turns garbage such as NaN into NaN gradients). ``lse`` is fp32 (fp64 for fp64 inputs): for each
     head and packed row, log Σ exp(score) over the visible keys, the scores being those the
     softmax sees (scaled, relative and additive biases added), in natural log; +inf for rows
     with no visible key and for dummy rows, so exp(score - lse) is 0 there.
@@ -254,8 +256,8 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
         return dqkv, q.new_zeros(0, dtype=torch.float32)
     # Each pair's dS lands in the table column its distance reads (the bias is added unscaled).
     heads = q.shape[1]
-    flat = ds.transpose(0, 1).reshape(heads, -1).to(rel_bias.dtype)
-    return dqkv, torch.zeros_like(rel_bias).index_add_(1, t.distance.reshape(-1), flat)
+    flat = ds.transpose(0, 1).reshape(heads, -1)
+    return dqkv, flat.new_zeros(rel_bias.shape).index_add_(1, t.distance.reshape(-1), flat)
 
 
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:

@@ -338,3 +338,26 @@ def test_fine_tuning_example_losses_match():
     for step, hf_loss, our_loss, *_ in rows:
         assert math.isclose(float(hf_loss), float(our_loss), rel_tol=1e-5), (step, hf_loss, our_loss)
     assert "median step" in done.stdout
+
+
+@pytest.mark.parametrize("family", ["Bert", "MPNet"], ids=["bert", "relative-bias"])
+def test_triton_backend_trains_like_hf(family):
+    """The Triton kernels (in the interpreter without a GPU) through a whole training step."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
+    settings = dict(FAMILIES.get(family, {}), num_labels=3) if family != "Bert" else {}
+    config = bert_config() if family == "Bert" else transformers.MPNetConfig(
+        **settings, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    hf_model = getattr(transformers, f"{family}ForSequenceClassification")(config).train()
+    ours = fastbert.optimize(copy.deepcopy(hf_model), backend="triton")
+    ids, mask = varlen_batch(torch.Generator().manual_seed(9))
+    ids[mask == 0] = config.pad_token_id
+    batch = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2, 1]))
+    hf_loss, our_loss = _step_loss(hf_model, batch), _step_loss(ours, batch)
+    assert math.isclose(our_loss.item(), hf_loss.item(), rel_tol=1e-5)
+    hf_grads, our_grads = _grads(hf_model), _grads(ours)
+    assert hf_grads.keys() == our_grads.keys()
+    for name, g in our_grads.items():
+        torch.testing.assert_close(g, hf_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -53,20 +53,11 @@ def _packed_qkv(lengths, heads, head_dim, dtype, device, dummies=0):
 
 
 def _reference_backward64(grad, q, k, v, cu, max_seqlen, scale, causal, bias, rel_bias, positions, p, seed):
-    """reference.attention_backward on float64 inputs. With rel_bias it refuses fp64 (it casts
-    the table to fp64, which check_rel_bias rejects), so the table stays an fp32 leaf there:
-    the gradient is summed in fp64 and rounded once to fp32."""
+    """reference.attention_backward on float64 inputs (the fp32 table's gradient summed in fp64)."""
     as64 = [t.double() for t in (grad, q, k, v)]
     bias64 = None if bias is None else bias.double()
-    if rel_bias is None:
-        return reference.attention_backward(as64[0], *as64[1:], None, None, cu, max_seqlen, scale, causal, bias64,
-                                            None, positions, p, seed)
-    with torch.enable_grad():
-        leaves = [t.requires_grad_() for t in as64[1:]]
-        tab = rel_bias.detach().clone().requires_grad_()
-        out, _ = reference._attention(*leaves, cu, max_seqlen, scale, causal, bias64, tab, positions, p, seed)
-        grads = torch.autograd.grad(out, [*leaves, tab], as64[0])
-    return torch.stack(grads[:3], 1), grads[3]
+    return reference.attention_backward(as64[0], *as64[1:], None, None, cu, max_seqlen, scale, causal, bias64,
+                                        rel_bias, positions, p, seed)
 
 
 def _check_attention_train(q, k, v, cu, max_seqlen, causal, bias=None, rel_bias=None, positions=None, p=0.0,

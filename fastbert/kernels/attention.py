@@ -727,10 +727,13 @@ def attention_train(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bi
     probabilities with ``tl.rand(seed, ((head · T + row) << 32) | key)``. The seed tensor is
     read by the kernel: a new seed costs no host sync and no recompile. ``out`` and ``lse``
     (optional, contiguous ``[N, T]`` fp32) receive the results; dummy rows of ``out`` are left
-    as they are.
+    as they are (zeros when it is allocated here: the layers after attention and their
+    backward multiply them by zero gradients, which NaN garbage would turn into NaN).
     """
     reference.check_dropout(dropout_p, seed)
     T, heads = q.shape[0], q.shape[1]
+    if out is None:
+        out = torch.zeros(T, heads, v.shape[2], dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty(heads, T, dtype=torch.float32, device=q.device)
     elif lse.shape != (heads, T) or lse.dtype != torch.float32 or not lse.is_contiguous():

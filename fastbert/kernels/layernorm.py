@@ -446,7 +446,8 @@ def add_layernorm_backward(grad, x, residual, bias, weight, ln_bias, mean, rstd,
                 HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, BLOCK_H=cfg.block_h, ROWS=cfg.rows,
                 num_warps=cfg.num_warps,
             )
-    sums = partial.sum(1)  # a fixed-order reduction over the programs
+    # A fixed-order reduction over the programs, one tensor per gradient (an op's outputs may not alias).
+    sums = [row.clone() for row in partial.sum(1)]
     dbias = sums[2].to(bias.dtype) if bias is not None else x.new_zeros(0)
     return dx, dres, dbias, sums[0].to(weight.dtype), sums[1].to(ln_bias.dtype)
 
@@ -494,7 +495,7 @@ def embed_layernorm_backward(grad, input_ids, position_ids, token_type_ids, word
                 g2.stride(0), *(t.stride(0) for t in tables), dh.stride(0), float(dropout_p),
                 DROPOUT=dropout_p > 0, BLOCK_H=cfg.block_h, ROWS=cfg.rows, num_warps=cfg.num_warps,
             )
-    sums = partial.sum(1)
+    sums = [row.clone() for row in partial.sum(1)]  # separate tensors: an op's outputs may not alias
     dtype = word_embeddings.dtype
     return (reference.table_grad(input_ids, dh, word_embeddings.shape[0], word_padding_idx).to(dtype),
             reference.table_grad(position_ids, dh, position_embeddings.shape[0], position_padding_idx).to(dtype),
