@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     records += measure(workload, dtype, batch, seq_len, fill, device, args.budget)
     out.parent.mkdir(parents=True, exist_ok=True)
     document = {"benchmark": "training-step", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), "environment": environment(device), "records": records}
+        timespec="seconds"), **environment(device), "records": records}
     out.write_text(json.dumps(document, indent=1) + "\n")
     print(table(records))
     print(f"wrote {out}", file=sys.stderr)
