@@ -199,6 +199,15 @@ def _checkpointed(layer: views.LayerView) -> bool:
     return bool(getattr(layer.module, "gradient_checkpointing", False)) and layer.module.training
 
 
+def _checkpoint_function(layer: views.LayerView):
+    """The checkpoint function HF set on the layer (``gradient_checkpointing_kwargs`` such as
+    ``use_reentrant`` bound in), else ``torch.utils.checkpoint.checkpoint`` without reentrancy."""
+    hf = getattr(layer.module, "_gradient_checkpointing_func", None)
+    if hf is not None:
+        return hf
+    return lambda function, *args: torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+
 class Batch:
     """One call's inputs, checked on the host; what depends on their values is checked on the device.
 
@@ -402,7 +411,7 @@ def encode(
         args = (k, layer, h, packing, batch.bias, batch.causal, view.heads, view.gelu, tracing or grad, relative,
                 None if dropout is None else dropout[1][n])
         if grad and _checkpointed(layer):  # the seeds are inputs: the recomputation draws the same masks
-            h = torch.utils.checkpoint.checkpoint(_layer, *args, use_reentrant=False)
+            h = _checkpoint_function(layer)(_layer, *args)
         else:
             h = _layer(*args)
         if states is not None:

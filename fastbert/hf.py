@@ -5,15 +5,21 @@
 model itself, the backbone of any of their heads, the backbone of a sentence-transformers
 ``SentenceTransformer`` or ``CrossEncoder``) and gives that instance a new ``forward``. It binds
 its arguments by the family's own forward signature (positional calls too) and returns the
-family's own output class. The heads, the pooler and all weights stay the HF modules' own;
-nothing is copied except a fused Q/K/V weight per layer and MPNet's relative-bias table, rebuilt
-whenever the weights change. ``unoptimize(model)`` undoes it.
+family's own output class; ``inspect.signature(backbone.forward)`` is the family's own. The
+heads, the pooler and all weights stay the HF modules' own; nothing is copied except a fused
+Q/K/V weight per layer and MPNet's relative-bias table, rebuilt whenever the weights change.
+``unoptimize(model)`` undoes it.
 
-Calls the fused path cannot honour run the original HF forward instead, with one warning per
-reason: ``output_attentions=True``, ``output_hidden_states`` selecting layers by index, a
-``head_mask``, a KV cache passed in (generation), cross-attention inputs, ``inputs_embeds``,
-unknown keyword arguments, autocast to a dtype other than the weights' (fastbert computes in
-the weights' dtype). Training runs fused too: with gradients on, the training ops (autograd,
+The output flags ``output_attentions``, ``output_hidden_states`` and ``return_dict`` take the
+config's value when not given, as HF reads them. Calls the fused path cannot honour run the
+original HF forward instead, with one warning per reason: ``output_attentions=True`` (given or
+from the config), ``output_hidden_states`` selecting layers by index, a ``head_mask``, a KV cache
+passed in (generation), cross-attention inputs, ``inputs_embeds``, ``is_causal``, unknown keyword
+arguments, autocast to a dtype other than the weights' (fastbert computes in the weights'
+dtype). Loss-only keywords that transformers 5 heads pass down to the backbone
+(``num_items_in_batch`` from ``Trainer``, ``shift_labels``) are accepted and ignored, as the HF
+backbone ignores them. A decoder called with ``use_cache`` on (given or from the config) runs
+fused with one warning: no KV cache is built, the output's cache is None. Training runs fused too: with gradients on, the training ops (autograd,
 dropout at the HF modules' rates, gradient checkpointing per layer; see :mod:`fastbert.encoder`);
 CUDA graphs serve only calls without gradients in eval mode. ``token_type_ids`` given to a family without token types (DistilBERT, MPNet) is
 ignored, as their HF forwards do. Configs it cannot reproduce (relative position embeddings,
@@ -23,6 +29,7 @@ cross-attention layers, activations other than GELU) are refused by ``optimize``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 import warnings
@@ -33,11 +40,14 @@ from torch import nn
 from fastbert import backends, encoder, graphs, views
 from fastbert.config import check_features
 
-# Keyword arguments the fused path accepts when they have one of these "off" values
-# (ANY: every value; use_cache is accepted because no cache is built, the output's cache is None).
+# Keyword arguments the fused path accepts when they have one of these "off" values (ANY: every
+# value). use_cache: no cache is built, the output's cache is None (a decoder asked for one warns
+# once). num_items_in_batch and shift_labels only shape a head's loss: transformers 5 heads pass
+# their **kwargs (Trainer's num_items_in_batch among them) down to the backbone, which ignores them.
 ANY = object()
 _NEUTRAL_KWARGS = {
     "output_attentions": (None, False),
+    "output_router_logits": (None, False),
     "head_mask": (None,),
     "cache": (None,),
     "past_key_values": (None,),
@@ -45,6 +55,9 @@ _NEUTRAL_KWARGS = {
     "encoder_hidden_states": (None,),
     "encoder_attention_mask": (None,),
     "inputs_embeds": (None,),
+    "is_causal": (None,),
+    "num_items_in_batch": ANY,
+    "shift_labels": ANY,
 }
 _warned: set[str] = set()
 SUPPORTED = "; ".join(f"{f.name} ({', '.join(f.backbones)})" for f in views.FAMILIES)
@@ -115,8 +128,18 @@ def optimize(model: nn.Module, backend: str | None = None, cuda_graphs: bool = F
         family = views.family_of(backbone)
         backbone._fastbert = _State(family, backend, graphs.GraphedEncoder(max_graphs) if cuda_graphs else None,
                                     _positional_parameters(type(backbone)), getattr(modeling_outputs, family.output))
-        backbone.forward = types.MethodType(_fast_forward, backbone)
+        backbone.forward = types.MethodType(_forward_with_signature(type(backbone)), backbone)
     return model
+
+
+def _forward_with_signature(cls: type):
+    """``_fast_forward`` under ``cls.forward``'s name, docs and signature: ``inspect.signature``
+    (HF's tests, Trainer's column filter, kwargs filters) sees ``input_ids``, ``attention_mask``..."""
+    @functools.wraps(cls.forward)
+    def forward(self, *args, **kwargs):
+        return _fast_forward(self, *args, **kwargs)
+
+    return forward
 
 
 def unoptimize(model: nn.Module) -> nn.Module:
@@ -174,29 +197,39 @@ def _fast_forward(self: nn.Module, *args, **kwargs):
     attention_mask = call.pop("attention_mask", None)
     token_type_ids = call.pop("token_type_ids", None)
     position_ids = call.pop("position_ids", None)
-    output_hidden_states = call.pop("output_hidden_states", None)
-    return_dict = call.pop("return_dict", None)
+    # Output flags not given (or None) take the config's value, as the HF forwards read them.
+    config = self.config
+    output_hidden_states = _given_or_config(config, "output_hidden_states", call.pop("output_hidden_states", None))
+    return_dict = _given_or_config(config, "return_dict", call.pop("return_dict", None))
+    call["output_attentions"] = _given_or_config(config, "output_attentions", call.get("output_attentions"))
     reason = _fallback_reason(self, call, output_hidden_states)
     if reason is not None:
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"fastbert: {reason} is not supported by the fused path; running the original forward",
-                          stacklevel=2)
+        _warn_once(f"fastbert: {reason} is not supported by the fused path; running the original forward")
         return type(self).forward(self, *args, **kwargs)
+    if views.encoder_view(self).causal and _given_or_config(config, "use_cache", call.get("use_cache")):
+        _warn_once("fastbert: use_cache=True on a decoder: the fused path builds no KV cache (the output's cache "
+                   "is None); pass use_cache=False to run without one")
 
-    if output_hidden_states is None:
-        output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
     if input_ids is None:
         raise ValueError("input_ids is required (inputs_embeds runs the original forward)")
     # CUDA graphs replay inference only: a call that trains (or could) runs eagerly.
     graphed = state.graphs is not None and not self.training and not torch.is_grad_enabled()
     run = state.graphs if graphed else encoder.encode
     hidden, states = run(self, input_ids, attention_mask, token_type_ids, position_ids, backend=state.backend,
-                         output_hidden_states=output_hidden_states)
+                         output_hidden_states=bool(output_hidden_states))
     fields = dict(last_hidden_state=hidden, hidden_states=states)
     if state.family.pooling != "none":
         fields["pooler_output"] = _pool(self, state.family, hidden)
     output = state.output(**fields)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return output if return_dict else output.to_tuple()
+    return output if return_dict is not False else output.to_tuple()
+
+
+def _given_or_config(config, name: str, given):
+    """``given``, or the config's ``name`` when ``given`` is None (None when the config has none)."""
+    return getattr(config, name, None) if given is None else given
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)

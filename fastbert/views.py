@@ -14,7 +14,9 @@ A forward through Hugging Face modules pays about a microsecond per attribute lo
 time than the small kernels of a short batch take. :func:`encoder_view` reads every weight the
 encoder needs into flat tuples once and returns the same view until a parameter, buffer or
 submodule is registered anywhere in the process (``module.weight = nn.Parameter(...)``,
-``resize_token_embeddings``, swapping a layer), which rebuilds it on next use.
+``resize_token_embeddings``, swapping a layer) or a parameter or buffer of the tree is replaced
+without registration (``to_empty``, conversions with overwrite-on-conversion set), which
+rebuilds it on next use.
 
 Updates that keep the parameter objects need no rebuild: the view holds the parameters
 themselves, so in-place changes (``load_state_dict``, an optimizer step) and ``.to()``/``.half()``
@@ -25,6 +27,7 @@ source's version or storage changes.
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, NamedTuple
 
 import torch
@@ -317,17 +320,42 @@ def family_of(module: nn.Module) -> Family | None:
     return _family_of_type[cls]
 
 
+def _slots(model: nn.Module) -> tuple[tuple[dict, str], ...]:
+    """Where every parameter and buffer of the tree is held: (the module's dict, the name)."""
+    return tuple((slots, name) for m in model.modules() for slots in (m._parameters, m._buffers) for name in slots)
+
+
+class _CachedView(NamedTuple):
+    generation: int  # _generation when read
+    view: EncoderView
+    slots: tuple[tuple[dict, str], ...]  # _slots(model) when read
+    held: tuple  # what each slot held then
+
+    def current(self) -> bool:
+        """No registration since, and every slot still holds the object it held.
+
+        ``nn.Module._apply`` replaces parameters without a registration hook when the new
+        tensor cannot be copied into the old one (``to_empty`` from the meta device, or
+        ``torch.__future__.set_overwrite_module_params_on_conversion(True)``); the identity
+        check sees those swaps (about 10 microseconds per forward for BERT-base).
+        """
+        return self.generation == _generation and all(
+            map(operator.is_, (slots.get(name) for slots, name in self.slots), self.held))
+
+
 def encoder_view(model: nn.Module) -> EncoderView:
     """The canonical view of a backbone of any family in :data:`FAMILIES`, cached on ``model``."""
     cached = model.__dict__.get("_fastbert_view")
-    if cached is not None and cached[0] == _generation:
-        return cached[1]
+    if cached is not None and cached.current():
+        return cached.view
     family = family_of(model)
     if family is None:
         raise TypeError(f"fastbert has no view of {type(model).__name__}; supported backbones: "
                         f"{', '.join(n for f in FAMILIES for n in f.backbones)}")
+    generation, slots = _generation, _slots(model)
     view = family.read(model)
-    model.__dict__["_fastbert_view"] = (_generation, view)
+    model.__dict__["_fastbert_view"] = _CachedView(generation, view, slots,
+                                                   tuple(held.get(name) for held, name in slots))
     return view
 
 

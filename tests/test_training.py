@@ -217,18 +217,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model = _dropout_model()
     batch = _mlm_batch(4)
     loss, grads = _run(model, batch, 7)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
-    from torch.utils import checkpoint
-
+    modeling_utils = transformers.modeling_utils  # HF binds its checkpoint function to each layer on enable
     calls = []
-    original = checkpoint.checkpoint
-    checkpoint.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = modeling_utils.checkpoint
+    modeling_utils.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
         checkpointed_loss, checkpointed = _run(model, batch, 7)
     finally:
-        checkpoint.checkpoint = original
-    assert len(calls) == 2, "each layer runs under torch.utils.checkpoint"
+        modeling_utils.checkpoint = original
+    assert len(calls) == 2, "each layer runs under HF's checkpoint function"
     assert torch.equal(loss, checkpointed_loss)
     assert all(torch.equal(grads[n], checkpointed[n]) for n in grads)
 
