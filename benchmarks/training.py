@@ -12,6 +12,10 @@ rounds (medians, see :mod:`benchmarks.timing`):
 - ``hf-sdpa``: the untouched model with SDPA attention, the baseline of every speedup;
 - ``hf-sdpa-checkpointing``: the same with ``gradient_checkpointing_enable()`` (less memory, more time).
 
+``--trainer`` times the step as HF's ``Trainer`` takes it instead (``training_step``, which passes
+``num_items_in_batch`` down to the model and runs the backward through accelerate, then the
+optimizer and scheduler step), for ``fastbert`` and ``hf-sdpa``; records say ``"step": "trainer"``.
+
 Batches are right-padded: ``full`` rows, or a fill fraction (e.g. ``0.45``: seeded lengths whose
 real tokens are that share of the batch). Before timing, each record checks the step: the loss
 and the gradient norm of fastbert against HF SDPA at the same weights with dropout off
@@ -29,6 +33,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +47,7 @@ from benchmarks.workloads import BERT_BASE
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 WORKLOADS = {"minilm": MINILM, "bert-base": BERT_BASE}
 IMPLS = ("fastbert", "hf-sdpa", "hf-sdpa-checkpointing")
+TRAINER_IMPLS = ("fastbert", "hf-sdpa")
 BASELINE = "hf-sdpa"
 DEFAULTS = {
     "cpu": dict(workloads=("minilm",), dtypes=("float32", "bfloat16"), shapes=((8, 128),), fills=("0.45", "full")),
@@ -111,24 +117,47 @@ def step_call(model, batch):
     return step
 
 
-def measure(workload: str, dtype_name: str, batch: int, seq_len: int, fill: str, device, budget: float) -> list[dict]:
+def trainer_step_call(model, batch, folder: str):
+    """One step as ``Trainer``'s loop takes it: ``training_step``, then optimizer and scheduler."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=folder, learning_rate=1e-5, report_to=[], save_strategy="no",
+                             use_cpu=next(model.parameters()).device.type == "cpu")
+    trainer = Trainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=1 << 30)
+    items = batch["labels"].numel()
+
+    def step():
+        trainer.training_step(model, batch, torch.tensor(items))
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def measure(workload: str, dtype_name: str, batch: int, seq_len: int, fill: str, device, budget: float,
+            trainer_folder: str | None = None) -> list[dict]:
+    """Records per implementation; ``trainer_folder``: steps through HF's ``Trainer`` (its output folder)."""
     dtype = getattr(torch, dtype_name)
     models = build(workload, dtype, device)
     inputs = make_batch(models[BASELINE].config.vocab_size, batch, seq_len, fill, device)
     checked = check(models, inputs)
-    calls = {name: step_call(models[name], inputs) for name in IMPLS}
+    impls = TRAINER_IMPLS if trainer_folder else IMPLS
+    calls = {name: trainer_step_call(models[name], inputs, trainer_folder) if trainer_folder else
+             step_call(models[name], inputs) for name in impls}
     peaks = {name: timing.peak_memory_mb(call, device) for name, call in calls.items()}  # also warms up
     for call in calls.values():
         call()
     samples = timing.interleaved(calls, device, min_reps=5, max_reps=200, budget_s=budget)
     medians = {name: timing.summary(s)["median_ms"] for name, s in samples.items()}
     real = int(inputs["attention_mask"].sum())
-    common = dict(workload=workload, dtype=dtype_name, batch=batch, seq_len=seq_len, fill=fill,
+    common = dict(step="trainer" if trainer_folder else "loop", workload=workload, dtype=dtype_name, batch=batch,
+                  seq_len=seq_len, fill=fill,
                   real_fill=real / (batch * seq_len), rounds=len(samples[BASELINE]), spread=timing.spread(samples),
                   load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     return [dict(common, impl=name, **timing.summary(samples[name]), peak_mb=peaks[name],
                  speedup=medians[BASELINE] / medians[name], **(checked if name == "fastbert" else {}))
-            for name in IMPLS]
+            for name in impls]
 
 
 def table(records: list[dict]) -> str:
@@ -155,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", help="BATCHxSEQ list, e.g. 8x128")
     p.add_argument("--fills", help="comma-separated: full or a fraction of real tokens, e.g. 0.45,full")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of timed rounds per case (default 10)")
-    p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/<device>/training-<dtypes>.json)")
+    p.add_argument("--trainer", action="store_true", help="time steps through HF's Trainer (needs accelerate)")
+    p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/<device>/training-<dtypes>.json, "
+                   "training-trainer-<dtypes>.json with --trainer)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     defaults = DEFAULTS[device.type]
@@ -167,14 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         d for d in defaults["dtypes"] if device.type == "cuda" or d != "bfloat16" or _bf16_fast_here()]
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else defaults["shapes"]
     fills = args.fills.split(",") if args.fills else defaults["fills"]
-    out = args.out or RESULTS / device_folder(device) / f"training-{'-'.join(dtypes)}.json"
+    kind = "training-trainer" if args.trainer else "training"
+    out = args.out or RESULTS / device_folder(device) / f"{kind}-{'-'.join(dtypes)}.json"
     records = []
     for workload in workloads:
         for dtype in dtypes:
             for batch, seq_len in shapes:
                 for fill in fills:
                     print(f"[training] {workload} {dtype} {batch}x{seq_len} fill {fill}", file=sys.stderr, flush=True)
-                    records += measure(workload, dtype, batch, seq_len, fill, device, args.budget)
+                    with tempfile.TemporaryDirectory() as folder:
+                        records += measure(workload, dtype, batch, seq_len, fill, device, args.budget,
+                                           folder if args.trainer else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     document = {"benchmark": "training-step", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), **environment(device), "records": records}
