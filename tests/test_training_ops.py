@@ -175,6 +175,24 @@ def test_opcheck(backend, index):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_add_layernorm_train_on_nd_input(backend):
+    """[B, S, H] input: mean and rstd are [B, S] on every backend and in the fake, and the
+    backward takes them back."""
+    x, res = torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 3, 16, requires_grad=True)
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    args = (x, res, b, w, b, 1e-5, 0.2, SEED, backend, backend)
+    torch.library.opcheck(ops.add_layernorm_train, args)
+    out, mean, rstd = ops.add_layernorm_train(*args)
+    assert mean.shape == rstd.shape == (2, 3)
+    want = reference.add_layernorm_train(x.reshape(6, 16), res.reshape(6, 16), b, w, b, 1e-5, 0.2, SEED)
+    torch.testing.assert_close(out, want[0].reshape(2, 3, 16), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, want[1].reshape(2, 3), rtol=1e-5, atol=1e-5)
+    backward = (torch.randn_like(out), x, res, b, w, b, mean, rstd, 1e-5, 0.2, SEED, backend)
+    torch.library.opcheck(ops.add_layernorm_backward,
+                          tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in backward))
+
+
 # ----------------------------------------------------------------------------- every backend against float64
 
 
