@@ -21,7 +21,8 @@ Choosing: an explicit ``backend=`` argument wins, then the :func:`use_backend` c
 the ``FASTBERT_BACKEND`` environment variable, then the device default (CUDA: triton, cuda,
 torch; CPU: cpp, torch). The chosen backend runs every op it implements; an op it does not
 implement runs on the next backend of the device's order. A backend that cannot run at all
-here (no GPU, extension not built, Triton missing) is skipped with one warning that says why.
+here (no GPU, extension not built, Triton missing, a GPU older than the kernels need) is
+skipped with one warning that says why; plans are per device, so each GPU is judged on its own.
 
 :func:`kernels` resolves that choice once into the functions the encoder calls: in eager mode
 the backends' own functions, called directly (a ``torch.library`` custom op costs several times
@@ -74,9 +75,11 @@ def _check_name(backend: str) -> None:
         raise ValueError(f"unknown fastbert backend {backend!r}; choose one of {BACKENDS}")
 
 
-def load(backend: str, device_type: str):
-    """The module implementing ``backend`` on ``device_type``; raises BackendUnavailable."""
+def load(backend: str, device: torch.device | str):
+    """The module implementing ``backend`` for ``device``'s tensors (a device or a device type);
+    raises BackendUnavailable."""
     _check_name(backend)
+    device_type = torch.device(device).type
     if backend == "triton" and device_type == "cpu" and not _compat.interpreting():
         raise BackendUnavailable("triton runs on CPU tensors only under TRITON_INTERPRET=1")
     if backend == "cuda" and device_type != "cuda":
@@ -89,7 +92,7 @@ def load(backend: str, device_type: str):
         module = importlib.import_module(_MODULES[backend])
     except ImportError as exc:
         raise BackendUnavailable(f"{_MODULES[backend]} cannot be imported ({exc})") from exc
-    reason = getattr(module, "unavailable_reason", lambda device_type: None)(device_type)
+    reason = getattr(module, "unavailable_reason", lambda device: None)(device)
     if reason:
         raise BackendUnavailable(reason)
     return module
@@ -134,7 +137,7 @@ def _implements(module, op: str, device_type: str, dtype: torch.dtype | None) ->
 def plan(device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None) -> dict[str, str]:
     """Map every op to the backend that will run it for tensors on ``device`` (of ``dtype``, if given)."""
     requested = requested_backend(backend)
-    key = (device.type, requested, dtype)
+    key = (str(device), requested, dtype)  # per GPU: their capabilities may differ
     if key in _plan_cache:
         return _plan_cache[key]
     default = DEVICE_ORDER.get(device.type, ("torch",))
@@ -142,12 +145,12 @@ def plan(device: torch.device, backend: str | None = None, dtype: torch.dtype | 
     modules = {}
     for name in order:
         try:
-            modules[name] = load(name, device.type)
+            modules[name] = load(name, device)
         except BackendUnavailable as exc:
             if name == requested or name == default[0]:
                 _warn_once(name, str(exc))
     if "torch" not in modules:
-        modules["torch"] = load("torch", device.type)
+        modules["torch"] = load("torch", device)
     result = {}
     for op in OPS + TRAINING_OPS:
         result[op] = next(name for name, module in modules.items() if _implements(module, op, device.type, dtype))

@@ -49,8 +49,9 @@ TRAINING_OPS = ("attention_train", "attention_backward", "linear_gelu_train", "l
 _CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 
 
-def unavailable_reason(device_type: str) -> str | None:
-    """Why the extension cannot run ops on ``device_type`` tensors here, or None if it can."""
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the extension cannot run ops on ``device``'s tensors here, or None if it can."""
+    device_type = torch.device(device).type
     if device_type == "cuda" and not WITH_CUDA:
         return "fastbert._C was built without CUDA"
     if device_type == "cpu":

@@ -17,6 +17,14 @@ on that bucket's own input buffers:
 
 Outputs equal the eager path's on valid tokens: padding and dummy rows never reach a real row.
 On CPU tensors the same bucketed path runs without capture. 3D/4D masks run the eager path.
+Capture and replay run on the model's GPU (its own streams), whichever GPU is current. The
+buffers and graphs are normal tensors even when the first call comes under
+``torch.inference_mode`` (as sentence-transformers encodes), so later ``no_grad`` calls can
+fill them.
+
+Only the triton backend's attention can be captured (the reference attention, the other one
+on CUDA, reads the sequence lengths back). When attention runs elsewhere (``backend="cuda"``
+or ``"torch"``, or Triton unavailable on that GPU), calls run eagerly, with one warning.
 
 A graph reads the weights where they were at capture: in-place updates (``load_state_dict``,
 optimizer steps) are seen, and so is a new parameter (``module.weight = ...``), ``.to()`` or a
@@ -26,11 +34,14 @@ rebuilt fused Q/K/V weight, which drop the captured graphs.
 from __future__ import annotations
 
 import collections
+import warnings
 from typing import Callable
 
 import torch
 
-from fastbert import encoder, views
+from fastbert import backends, encoder, views
+
+_warned: set[str] = set()
 
 
 def _power_of_two(n: int) -> int:
@@ -50,11 +61,27 @@ def shape_bucket(batch: int, seqlen: int, tokens: int, position_limit: int) -> t
     return b, s, min(token_bucket(tokens), b * s)
 
 
+def captures(device: torch.device) -> bool:
+    """Whether calls on ``device`` tensors are captured (elsewhere the bucketed path runs uncaptured)."""
+    return device.type == "cuda"
+
+
+def uncapturable_reason(device: torch.device, backend: str | None, dtype: torch.dtype) -> str | None:
+    """Why a forward of ``dtype`` weights on ``device`` with ``backend`` cannot be captured, or None."""
+    attention = backends.plan(device, backend, dtype)["attention"]
+    if attention == "triton":
+        return None
+    return (f"cuda_graphs=True needs attention on the triton backend (the reference attention reads the "
+            f"sequence lengths back, which a capture forbids), but with backend={backend!r} it runs on "
+            f"{attention!r} on {device}; running without CUDA graphs")
+
+
 class _Graph:
     """One bucket: its input buffers, and its captured graph with output buffers (or the function, on CPU)."""
 
     def __init__(self, run: Callable, device: torch.device, shape: tuple[int, int], positions: bool, types: bool,
                  pool, capture: bool):
+        self.device = device
         zeros = dict(dtype=torch.long, device=device)
         self.input_ids = torch.zeros(shape, **zeros)
         self.mask = torch.zeros(shape, dtype=torch.bool, device=device)
@@ -63,20 +90,25 @@ class _Graph:
         self.run = lambda: run(self.input_ids, self.mask, self.token_type_ids, self.position_ids)
         self.graph = None
         if capture:
-            # Warm up on a side stream first (Triton compiles, cuBLAS picks workspaces), as capture requires.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self.run()
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.outputs = self.run()
+            # On the model's GPU, not the current one: capture begins on the current device's
+            # current stream, and torch.cuda.graph's default capture stream belongs to whichever
+            # GPU was current when it was first made.
+            with torch.cuda.device(device):
+                # Warm up on a side stream first (Triton compiles, cuBLAS picks workspaces), as capture requires.
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    self.run()
+                torch.cuda.current_stream(device).wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, pool=pool, stream=side):
+                    self.outputs = self.run()
 
     def __call__(self):
         if self.graph is None:
             return self.run()
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.outputs
 
 
@@ -113,6 +145,13 @@ class GraphedEncoder:
             self.graphs.clear()
             self._weights = weights
         device = input_ids.device
+        if captures(device):
+            reason = uncapturable_reason(device, backend, view.word_embeddings.dtype)
+            if reason is not None:
+                if reason not in _warned:
+                    _warned.add(reason)
+                    warnings.warn(f"fastbert: {reason}", stacklevel=2)
+                return encoder.encode(*args, backend=backend, output_hidden_states=output_hidden_states)
         batch, seqlen = input_ids.shape
         limit = view.max_length if position_ids is None else 1 << 62
         b, s, rows = shape_bucket(batch, seqlen, tokens, limit)
@@ -135,7 +174,7 @@ class GraphedEncoder:
 
     def _new_graph(self, key, bert, device) -> _Graph:
         b, s, rows, positions, types, output_hidden_states, backend = key
-        capture = device.type == "cuda"
+        capture = captures(device)
         if capture and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         while len(self.graphs) >= self.max_graphs:
@@ -145,7 +184,8 @@ class GraphedEncoder:
             return encoder.encode(bert, input_ids, mask, token_type_ids, position_ids, backend=backend,
                                   output_hidden_states=output_hidden_states, token_capacity=rows)
 
-        with torch.no_grad():
+        # Normal tensors even under inference_mode: later calls outside it fill the same buffers.
+        with torch.inference_mode(False), torch.no_grad():
             graph = _Graph(run, device, (b, s), positions, types, self._pool, capture)
         self.graphs[key] = graph
         return graph

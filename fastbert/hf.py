@@ -110,7 +110,8 @@ def optimize(model: nn.Module, backend: str | None = None, cuda_graphs: bool = F
 
     ``backend`` ("triton", "cuda", "cpp" or "torch") forces one backend; None picks per device
     (see :mod:`fastbert.backends`). ``cuda_graphs=True`` replays one CUDA graph per shape
-    bucket, keeping at most ``max_graphs`` (see :mod:`fastbert.graphs`). Returns ``model``.
+    bucket, keeping at most ``max_graphs`` (see :mod:`fastbert.graphs`); only attention on the
+    triton backend can be captured, elsewhere calls run eagerly with one warning. Returns ``model``.
     Raises TypeError when ``model`` holds no supported backbone (the message lists the
     families) and UnsupportedConfigError for configs the fused path cannot reproduce. Outputs
     at pad positions of ``last_hidden_state`` are zero.

@@ -237,7 +237,8 @@ def add_layernorm_train(x: Tensor, residual: Tensor, bias: Tensor | None, weight
 
 
 def _row_stats(x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    """A LayerNorm statistic (mean or rstd) of each row of ``x``: shaped like ``x`` without its last dim."""
+    return x.new_empty(x.shape[:-1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 @add_layernorm_train.register_fake

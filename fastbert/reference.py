@@ -388,24 +388,32 @@ def _add_layernorm(x, residual, bias, weight, ln_bias, eps, dropout_p, seed):
 
 
 def add_layernorm_train(x, residual, bias, weight, ln_bias, eps, dropout_p, seed):
-    """LayerNorm(dropout(x + bias) + residual) · weight + ln_bias, and the fp32 mean and rstd ``[T]``.
+    """LayerNorm(dropout(x + bias) + residual) · weight + ln_bias, and the fp32 mean and rstd.
 
-    Dropout keeps element (token, column) as :func:`dropout_keep` says for ``seed`` and the
-    counter token · H + column (kept ones scaled by 1 / (1 - dropout_p)).
+    ``x`` and ``residual`` are ``[T, H]`` or any ``[..., H]``, taken as rows (the tokens);
+    mean and rstd are shaped ``x.shape[:-1]``. Dropout keeps element (token, column) as
+    :func:`dropout_keep` says for ``seed`` and the counter token · H + column (kept ones scaled
+    by 1 / (1 - dropout_p)).
     """
     check_dropout(dropout_p, seed)
-    return _add_layernorm(x, residual, bias, weight, ln_bias, eps, dropout_p, seed)
+    H = x.shape[-1]
+    out, mean, rstd = _add_layernorm(x.reshape(-1, H), residual.reshape(-1, H), bias, weight, ln_bias, eps, dropout_p,
+                                     seed)
+    return out.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
 
 
 def add_layernorm_backward(grad, x, residual, bias, weight, ln_bias, mean, rstd, eps, dropout_p, seed):
     """(dx, dresidual, dbias, dweight, dln_bias) of :func:`add_layernorm_train`; dbias is empty ``[0]`` without bias."""
+    H = x.shape[-1]
+    grad, x2, residual2 = (t.reshape(-1, H) for t in (grad, x, residual))
+    mean, rstd = mean.reshape(-1), rstd.reshape(-1)
     cdt = _compute_dtype(x.dtype)
-    factor = _dropout_factor(x.shape, x.device, dropout_p, seed)
-    h = (x.to(cdt) if bias is None else x.to(cdt) + bias.to(cdt)) * factor + residual.to(cdt)
+    factor = _dropout_factor(x2.shape, x.device, dropout_p, seed)
+    h = (x2.to(cdt) if bias is None else x2.to(cdt) + bias.to(cdt)) * factor + residual2.to(cdt)
     dh, dweight, dln_bias = _layernorm_backward(grad, h, weight, mean, rstd)
     dx = dh * factor
     dbias = x.new_zeros(0) if bias is None else dx.sum(0).to(bias.dtype)
-    return dx.to(x.dtype), dh.to(residual.dtype), dbias, dweight, dln_bias
+    return dx.to(x.dtype).reshape(x.shape), dh.to(residual.dtype).reshape(residual.shape), dbias, dweight, dln_bias
 
 
 def _embeddings_sum(input_ids, position_ids, token_type_ids, word, position, token_type):

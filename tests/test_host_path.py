@@ -8,7 +8,10 @@ intended readback (``fastbert.encoder.readback``, a ``.tolist()``) is counted by
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import warnings
 
 import pytest
 import torch
@@ -254,3 +257,120 @@ def test_cuda_graphs_capture_and_replay(dtype):
         want = eager(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
         got = graphed(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
         torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("first, then", [(torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)],
+                         ids=["inference_mode-then-no_grad", "no_grad-then-inference_mode"])
+def test_graph_buffers_serve_inference_mode_and_no_grad_in_either_order(device, first, then):
+    """sentence-transformers encodes under inference_mode: a bucket's input buffers made there
+    must still take a later no_grad call's inputs (inference tensors refuse in-place updates
+    outside inference mode), and the reverse."""
+    eager = fastbert.optimize(small_model().to(device))
+    graphed = fastbert.optimize(copy.deepcopy(eager), cuda_graphs=True)
+    ids, mask, types = (t.to(device) for t in tokenizer_batch([5, 9, 2], 9))
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    for mode in (first, then):
+        with mode():
+            got = graphed(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert len(graphed._fastbert.graphs.graphs) == 1  # both calls ran in the same bucket
+
+
+class FakeCapture:
+    """torch.cuda's streams, device context and graphs on a CPU machine, recording the device each
+    call names and the device current at capture and replay (the process's current GPU is
+    ``cuda:0``; the model is elsewhere). Replays do not recompute: outputs are not checked."""
+
+    def __init__(self, monkeypatch):
+        self.current = torch.device("cuda", 0)
+        self.calls = []
+        fake = self
+
+        @contextlib.contextmanager
+        def device(d):
+            fake.calls.append(("device", torch.device(d)))
+            previous, fake.current = fake.current, torch.device(d)
+            try:
+                yield
+            finally:
+                fake.current = previous
+
+        class Stream:
+            def __init__(self, device=None):
+                self.device = fake.current if device is None else torch.device(device)
+                fake.calls.append(("stream", self.device))
+
+            def wait_stream(self, other):
+                pass
+
+        class CUDAGraph:
+            def replay(self):
+                fake.calls.append(("replay", fake.current))
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, pool=None, stream=None):
+            fake.calls.append(("capture", fake.current, None if stream is None else stream.device))
+            yield
+
+        monkeypatch.setattr(graphs, "captures", lambda device: True)
+        for name, value in dict(device=device, Stream=Stream, current_stream=Stream, CUDAGraph=CUDAGraph,
+                                graph=graph, stream=lambda s: contextlib.nullcontext(),
+                                graph_pool_handle=lambda: None).items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the triton backend on CPU needs the interpreter")
+def test_capture_and_replay_run_on_the_models_device(monkeypatch):
+    """Multi-GPU: capture and replay on the model's device and its streams, not the current GPU."""
+    model = fastbert.optimize(small_model(), backend="triton", cuda_graphs=True)
+    fake = FakeCapture(monkeypatch)
+    ids, mask, types = tokenizer_batch([5, 9], 9)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    home = ids.device
+    kinds = [call[0] for call in fake.calls]
+    assert "capture" in kinds and "replay" in kinds
+    for call in fake.calls:
+        assert all(d == home for d in call[1:]), call
+
+
+@pytest.mark.parametrize("backend", [None, "cpp", "torch"])
+def test_cuda_graphs_without_triton_attention_run_eagerly_with_one_warning(monkeypatch, backend):
+    """Only Triton's attention can be captured: elsewhere the calls run eagerly, warned once."""
+    monkeypatch.setattr(graphs, "_warned", set())
+    eager = fastbert.optimize(small_model(), backend=backend)
+    graphed = fastbert.optimize(copy.deepcopy(eager), backend=backend, cuda_graphs=True)
+    fake = FakeCapture(monkeypatch)
+    with torch.no_grad():
+        for lengths, seqlen in (([5, 9], 9), ([3], 4)):
+            ids, mask, types = tokenizer_batch(lengths, seqlen)
+            want = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = graphed(input_ids=ids, attention_mask=mask).last_hidden_state
+            messages = [str(w.message) for w in caught]
+            if lengths == [5, 9]:
+                assert len(messages) == 1 and "cuda_graphs=True needs attention on the triton backend" in messages[0]
+                assert f"backend={backend!r}" in messages[0]
+            else:
+                assert messages == []  # once
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert fake.calls == [] and not graphed._fastbert.graphs.graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_with_reference_attention_run_eagerly(monkeypatch):
+    """backend="torch" on a GPU: the reference attention would sync inside the capture."""
+    monkeypatch.setattr(graphs, "_warned", set())
+    eager = fastbert.optimize(small_model().cuda(), backend="torch")
+    graphed = fastbert.optimize(copy.deepcopy(eager), backend="torch", cuda_graphs=True)
+    ids, mask, types = (t.cuda() for t in tokenizer_batch([5, 17, 3], 17))
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+        with pytest.warns(UserWarning, match="cuda_graphs=True needs attention on the triton backend"):
+            got = graphed(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not graphed._fastbert.graphs.graphs

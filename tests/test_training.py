@@ -339,22 +339,47 @@ def test_fine_tuning_example_losses_match():
     assert "median step" in done.stdout
 
 
-@pytest.mark.parametrize("family", ["Bert", "MPNet"], ids=["bert", "relative-bias"])
-def test_triton_backend_trains_like_hf(family):
-    """The Triton kernels (in the interpreter without a GPU) through a whole training step."""
-    import os
+class BackendsUsed:
+    """Records the backend each training op call runs on (every call passes through ``ops._impl``)."""
 
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    def __init__(self, monkeypatch):
+        from fastbert import ops
+
+        self.calls: set[tuple[str, str]] = set()
+        original = ops._impl
+
+        def recorded(op, backend, like):
+            self.calls.add((op, backend))
+            return original(op, backend, like)
+
+        monkeypatch.setattr(ops, "_impl", recorded)
+
+
+@pytest.mark.parametrize("family", ["Bert", "MPNet"], ids=["bert", "relative-bias"])
+def test_triton_backend_trains_like_hf(family, monkeypatch):
+    """The Triton kernels through a whole training step: on the GPU when there is one, else in the
+    interpreter. Every training op must really run on triton (a CPU model on a GPU machine, where the
+    interpreter is off, would fall back to cpp and pass unseen), except fp32 linear+GELU on a GPU,
+    which the triton backend leaves to cuBLAS (fastbert.kernels.implements)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
     settings = dict(FAMILIES.get(family, {}), num_labels=3) if family != "Bert" else {}
     config = bert_config() if family == "Bert" else transformers.MPNetConfig(
         **settings, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    hf_model = getattr(transformers, f"{family}ForSequenceClassification")(config).train()
+    hf_model = getattr(transformers, f"{family}ForSequenceClassification")(config).train().to(device)
     ours = fastbert.optimize(copy.deepcopy(hf_model), backend="triton")
     ids, mask = varlen_batch(torch.Generator().manual_seed(9))
     ids[mask == 0] = config.pad_token_id
-    batch = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2, 1]))
-    hf_loss, our_loss = _step_loss(hf_model, batch), _step_loss(ours, batch)
+    batch = {name: t.to(device) for name, t in dict(input_ids=ids, attention_mask=mask,
+                                                       labels=torch.tensor([0, 1, 2, 1])).items()}
+    hf_loss = _step_loss(hf_model, batch)
+    used = BackendsUsed(monkeypatch)
+    our_loss = _step_loss(ours, batch)
+    cublas = ("linear_gelu_train", "linear_gelu_backward") if device == "cuda" else ()
+    trained = {(op, backend) for op, backend in used.calls if op in fastbert.backends.TRAINING_OPS}
+    assert {op for op, _ in trained} == set(fastbert.backends.TRAINING_OPS), used.calls
+    assert all((backend == "triton") == (op not in cublas) for op, backend in trained), used.calls
     assert math.isclose(our_loss.item(), hf_loss.item(), rel_tol=1e-5)
     hf_grads, our_grads = _grads(hf_model), _grads(ours)
     assert hf_grads.keys() == our_grads.keys()

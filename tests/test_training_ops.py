@@ -175,6 +175,24 @@ def test_opcheck(backend, index):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_add_layernorm_train_on_nd_input(backend):
+    """[B, S, H] input: mean and rstd are [B, S] on every backend and in the fake, and the
+    backward takes them back."""
+    x, res = torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 3, 16, requires_grad=True)
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    args = (x, res, b, w, b, 1e-5, 0.2, SEED, backend, backend)
+    torch.library.opcheck(ops.add_layernorm_train, args)
+    out, mean, rstd = ops.add_layernorm_train(*args)
+    assert mean.shape == rstd.shape == (2, 3)
+    want = reference.add_layernorm_train(x.reshape(6, 16), res.reshape(6, 16), b, w, b, 1e-5, 0.2, SEED)
+    torch.testing.assert_close(out, want[0].reshape(2, 3, 16), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, want[1].reshape(2, 3), rtol=1e-5, atol=1e-5)
+    backward = (torch.randn_like(out), x, res, b, w, b, mean, rstd, 1e-5, 0.2, SEED, backend)
+    torch.library.opcheck(ops.add_layernorm_backward,
+                          tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in backward))
+
+
 # ----------------------------------------------------------------------------- every backend against float64
 
 
@@ -186,12 +204,9 @@ def _rule_check(ours, ref64, peer, name):
         raise AssertionError(f"{name}: {exc}") from None
 
 
-@pytest.mark.parametrize("backend", _cpu_backends())
-@pytest.mark.parametrize("causal", [False, True])
-def test_attention_backward_of_every_backend(backend, causal):
-    lengths, heads, head_dim, p = [7, 1, 0, 33], 2, 32, 0.3
-    q, k, v, cu = _packed(lengths, heads, head_dim, dtype=torch.float32, dummy=3, requires_grad=False)
-    args = (cu, max(lengths), head_dim ** -0.5, causal, None, None, None, p, SEED)
+def _attention_against_float64(backend, q, k, v, args):
+    """``backend``'s attention_train and attention_backward (a random incoming gradient) within
+    the rule of the float64 reference; returns (out, lse, grad, dqkv, the reference's lse)."""
     impl = backends.implementation
     out, lse = impl("attention_train", backend, "cpu")(q, k, v, *args)
     grad = torch.randn_like(out)
@@ -203,11 +218,39 @@ def test_attention_backward_of_every_backend(backend, causal):
     peer, _ = reference.attention_backward(grad, q, k, v, peer_out, peer_lse, *args)
     _rule_check(out, out64, peer_out, "out")
     _rule_check(dqkv, ref64, peer, "dqkv")
+    return out, lse, grad, dqkv, lse64
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_backward_of_every_backend(backend, causal):
+    lengths, heads, head_dim, p = [7, 1, 0, 33], 2, 32, 0.3
+    q, k, v, cu = _packed(lengths, heads, head_dim, dtype=torch.float32, dummy=3, requires_grad=False)
+    args = (cu, max(lengths), head_dim ** -0.5, causal, None, None, None, p, SEED)
+    out, lse, grad, dqkv, lse64 = _attention_against_float64(backend, q, k, v, args)
+    impl = backends.implementation
     real = int(cu[-1])
     assert (dqkv[real:] == 0).all(), "dummy rows must get zero gradients"
     assert torch.isinf(lse[:, real:]).all() and torch.allclose(lse[:, :real].double(), lse64[:, :real], atol=1e-4)
     again, _ = impl("attention_backward", backend, "cpu")(grad, q, k, v, out, lse, *args)
     assert torch.equal(again, dqkv), "a rerun must give bitwise-identical gradients"
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_backward_of_rows_masked_by_a_finite_minimum(backend, causal):
+    """Hugging Face masks with finfo(float32).min: a row whose keys all carry it attends
+    uniformly (each probability 1/n), and its lse, min + log n, rounds to min in fp32. A
+    backward recomputing P = exp(S - lse) from that lse sees 1 instead of 1/n (dq n times too
+    large); the gradients must match float64 (lse itself is not compared on those rows)."""
+    seqlen, heads, head_dim = 8, 2, 16
+    q, k, v, cu = _packed([seqlen, seqlen], heads, head_dim, dtype=torch.float32, requires_grad=False)
+    low = torch.finfo(torch.float32).min
+    bias = torch.zeros(2, heads, seqlen, seqlen)
+    bias[:, :, :, -3:] = low
+    bias[1, 0, 5] = low  # every key masked
+    bias[0, 1, 6, :5] = low / 2  # every visible key at a finite minimum, above the masked ones
+    _attention_against_float64(backend, q, k, v, (cu, seqlen, head_dim ** -0.5, causal, bias, None, None, 0.3, SEED))
 
 
 @pytest.mark.parametrize("backend", _cpu_backends())

@@ -131,6 +131,28 @@ def _attention_backward_cases() -> list[dict]:
                     # wgmma's smallest tile is 64 rows: narrower programs (see backward_config) run mma.
                     "wgmma": (c.block_n if fn == "_attention_bwd_dkdv" else c.block_m) >= 64,
                 })
+        # The inexact-lse pass runs at the dQ kernel's blocks (see attention_backward).
+        signature = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "do_ptr": f"*{t}", "do2_ptr": f"*{t}", "lse_ptr": "*fp32",
+                     "lse2_ptr": "*fp32", "delta_ptr": "*fp32", "bias_ptr": f"*{t}", "rel_ptr": "*fp32",
+                     "pos_ptr": "*i32", "cu_seqlens_ptr": "*i32",
+                     **{s: "i32" for s in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_dot",
+                                           "stride_doh", "stride_bb", "stride_bh", "stride_bm", "stride_rh",
+                                           "rel_radius", "n_tokens")},
+                     "qk_scale": "fp32"}
+        c = cfg.dq
+        for rel in (False, True) if dtype != torch.bfloat16 else (False,):
+            cases.append({
+                "kernel": "attention_bwd_lse", "module": "fastbert.kernels.attention", "fn": "_attention_bwd_lse",
+                "label": f"{t} hd{head_dim} causal+bias{'+rel' if rel else ''} M{c.block_m} N{c.block_n} "
+                         f"w{c.num_warps} s{c.num_stages}",
+                "signature": signature,
+                "constexprs": {"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_M": c.block_m,
+                               "BLOCK_N": c.block_n, "CAUSAL": True, "HAS_BIAS": True, "REL_BIAS": rel,
+                               "stride_bn": 1},
+                "aligned": [n for n in signature if n not in ("qk_scale", "rel_radius")],
+                "num_warps": c.num_warps, "num_stages": c.num_stages, "matrix": dtype != torch.float32,
+                "archs": (arch,), "wgmma": c.block_m >= 64,
+            })
     for width in sorted({block_d(d) for d in HEAD_DIMS}):
         signature = {"out_ptr": "*fp16", "do_ptr": "*fp16", "delta_ptr": "*fp32", "dqkv_ptr": "*fp16",
                      "cu_seqlens_ptr": "*i32", **{s: "i32" for s in ("stride_ot", "stride_oh", "stride_dot",

@@ -296,3 +296,30 @@ def test_unavailable_reason_names_old_gpus(monkeypatch):
     assert reason is not None and "8.0" in reason and "Tesla T4" in reason and "7.5" in reason
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
     assert kernels.unavailable_reason("cuda") is None
+
+
+def test_availability_reads_the_tensors_gpu_not_the_current_one(monkeypatch):
+    """Two GPUs, an sm_90 current and an older sm_75 second: Triton serves the first only."""
+    import fastbert.kernels as kernels
+    from fastbert import backends
+
+    asked = []
+    capabilities = {0: (9, 0), 1: (7, 5)}
+
+    def capability(device=None):
+        asked.append(device)
+        return capabilities[torch.device(device).index]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {torch.device(device).index}")
+    second = torch.device("cuda", 1)
+    reason = kernels.unavailable_reason(second)
+    assert reason is not None and "GPU 1 is 7.5" in reason
+    assert asked == [second]
+    monkeypatch.setattr(backends, "_plan_cache", {})
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(UserWarning, match="backend 'triton' unavailable.*GPU 1 is 7.5"):
+        assert backends.plan(second, "triton")["attention"] != "triton"
+    assert backends.plan(torch.device("cuda", 0), "triton")["attention"] == "triton"

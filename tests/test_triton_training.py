@@ -151,6 +151,40 @@ def test_attention_train_bias_dead_rows_and_dummies(device, dtype, p):
     assert torch.isinf(lse[0, seqlen + 4]) and (dqkv[seqlen + 4, 0, 0] == 0).all()
 
 
+@pytest.mark.parametrize("p", [0.0, P], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_train_rows_masked_by_a_finite_minimum(device, causal, p):
+    """Hugging Face masks with finfo(float32).min, not -inf: a row whose keys all carry it
+    attends uniformly to them (the scores are absorbed into the bias), so each probability is
+    1/n. Its log-sum-exp, min + log n, rounds to min in fp32; the backward must still see 1/n,
+    not 1 (which made dq n times too large). Also a row whose visible keys all carry min / 2.
+    Out, dq, dk and dv against float64 (not lse: such rows' scores are clamped to fit base 2,
+    see the kernel's notes)."""
+    _runnable(device, torch.float32)
+    seqlen, heads = 8, 2
+    q, k, v, cu = _packed_qkv([seqlen, seqlen], heads, 16, torch.float32, device)
+    low = torch.finfo(torch.float32).min
+    bias = torch.zeros(2, heads, seqlen, seqlen, device=device)
+    bias[:, :, :, -3:] = low  # masked keys; the other rows still see some
+    bias[1, 0, 5] = low  # a row with every key masked
+    bias[0, 1, 6, :5] = low / 2  # every visible key at a finite minimum, above the masked ones
+    T, N, D = q.shape
+    args = (cu, seqlen, D**-0.5, causal, bias, None, None, p, _seed(device))
+    out, lse = attention_train(q, k, v, *args)
+    out64, _ = reference.attention_train(q.double(), k.double(), v.double(), *args)
+    peer, peer_lse = reference.attention_train(q, k, v, *args)
+    assert_within_rule(out, out64, peer)
+    grad = torch.randn(T, N, D, device=device)
+    dqkv, _ = attention_backward(grad, q, k, v, out, lse, *args)
+    dqkv64, _ = _reference_backward64(grad, q, k, v, *args)
+    peer_dqkv, _ = reference.attention_backward(grad, q, k, v, peer, peer_lse, *args)
+    for i, name in enumerate("qkv"):
+        try:
+            assert_within_rule(dqkv[:, i], dqkv64[:, i], peer_dqkv[:, i])
+        except AssertionError as exc:
+            raise AssertionError(f"d{name}: {exc}") from None
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_train_rel_bias(device, dtype, causal):

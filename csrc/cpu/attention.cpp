@@ -476,6 +476,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const Args& a, double scale, bool cau
 // of kBlockQ queries i and kBlockK keys j, with M the dropout factors (0 or 1 / (1 - p)):
 //
 //   S = (q * scale) Kᵀ + biases, masked as the forward;  P = exp(S - lse)
+//   (for rows where fp32 lost log l from lse = m + log l, a first sweep recomputes m and l:
+//   P = exp((S - m) - log l); see kInexactLse)
 //   dV_j += (P∘M)ᵀ dO_i;  dP = (dO_i Vᵀ)∘M;  dS = P∘(dP - Δ_i), Δ = rowsum(dO∘O)
 //   (O the saved output, after dropout; for bf16/fp16, whose saved O is rounded, Δ comes from
 //   a first sweep over the keys as Σ_j (P∘M)_ij (dO Vᵀ)_ij in fp32 instead)
@@ -486,6 +488,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const Args& a, double scale, bool cau
 // transposed (a copy per block), so that all five products read row-major operands.
 
 constexpr int64_t kKeyRows = (kBlockK + kAccRegs - 1) / kAccRegs * kAccRegs;  // a key block in whole tiles
+// From this |lse| up, fp32 keeps the log l of lse = m + log l to worse than 2^-16 relative (the
+// Triton kernels' 2^8 in base 2): a row whose largest score is huge (every key masked by a
+// finite minimum, as Hugging Face masks are: scores near -3.4e38) has lost log l entirely, and
+// exp(S - lse) would be 1 instead of 1/l. Query blocks holding such a row recompute m and l.
+constexpr float kInexactLse = 256.f * 0.693147181f;
 
 template <typename T>
 struct Backward {
@@ -505,7 +512,9 @@ struct Backward {
 // transposes.
 struct BackScratch {
   int64_t Dp;
-  std::vector<float> q, dout, dq, k, dk, dv, kt, vt, delta, lse, s, dp, pt, dst, ones;
+  // lse and log_l: P = exp((S - lse) - log_l); log_l is 0 but where the block recomputed m and l
+  // (lse then holds m). row_max, row_sum, corr: that recomputation's online softmax state.
+  std::vector<float> q, dout, dq, k, dk, dv, kt, vt, delta, lse, log_l, s, dp, pt, dst, ones, row_max, row_sum, corr;
   std::vector<double> drel;
   BackScratch(int64_t D, int64_t longest, int64_t W) : Dp(round_up(D, kVecSize)) {
     const int64_t Lq = round_up(longest, kBlockQ), Lk = round_up(longest, kBlockK) + kAccRegs;
@@ -514,6 +523,8 @@ struct BackScratch {
     for (auto* buf : {&kt, &vt}) buf->resize(D * round_up(longest, kBlockK));
     delta.resize(Lq);
     lse.resize(Lq);
+    log_l.resize(Lq);
+    for (auto* buf : {&row_max, &row_sum, &corr}) buf->resize(kBlockQ);
     s.resize(kBlockQ * kBlockK);
     dp.resize(kBlockQ * kBlockK);
     pt.resize(kKeyRows * kBlockQ);
@@ -575,6 +586,27 @@ void backward_pair(const Backward<T>& p, BackScratch& w, int64_t b, int64_t h) {
   for (int64_t q0 = 0; q0 < L; q0 += kBlockQ) {
     const int64_t rows = std::min(kBlockQ, L - q0), tile_rows = round_up(rows, kAccRegs);
     const int64_t key_end = f.causal ? std::min(L, q0 + rows) : L;
+    bool inexact = false;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float lse = w.lse[q0 + i];
+      w.log_l[q0 + i] = 0.f;
+      inexact = inexact || (std::isfinite(lse) && std::abs(lse) >= kInexactLse);
+    }
+    if (inexact) {  // the forward's m and l, recomputed (rows that see no key keep lse = +inf)
+      std::fill(w.row_max.begin(), w.row_max.end(), kNegInf);
+      std::fill(w.row_sum.begin(), w.row_sum.end(), 0.f);
+      for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
+        const int64_t keys = std::min(kBlockK, key_end - k0), width = round_up(keys, kVecSize);
+        block(q0, rows, k0, keys, [&](int64_t i, float* s, float*, int64_t visible, uint64_t) {
+          softmax_row(s, width, visible, w.row_max[i], w.row_sum[i], w.corr[i]);
+        });
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        if (!std::isfinite(w.lse[q0 + i])) continue;
+        w.lse[q0 + i] = w.row_max[i];
+        w.log_l[q0 + i] = std::log(w.row_sum[i]);
+      }
+    }
     if constexpr (!std::is_same_v<T, float>) {
       // Δ = rowsum(dO∘O) = Σ_j (P∘M)_ij (dO Vᵀ)_ij: the saved O is rounded to T, which would
       // put about one ulp of T on Δ and through dS on dQ and dK; this sweep recomputes it in fp32.
@@ -582,10 +614,10 @@ void backward_pair(const Backward<T>& p, BackScratch& w, int64_t b, int64_t h) {
       for (int64_t k0 = 0; k0 < key_end; k0 += kBlockK) {
         const int64_t keys = std::min(kBlockK, key_end - k0), width = round_up(keys, kVecSize);
         block(q0, rows, k0, keys, [&](int64_t i, float* s, float* dp, int64_t, uint64_t first) {
-          const Vec lse(w.lse[q0 + i]);
+          const Vec lse(w.lse[q0 + i]), log_l(w.log_l[q0 + i]);
           Vec acc(0.f);
           for (int64_t j = 0; j < width; j += kVecSize) {
-            Vec prob = (Vec::loadu(s + j) - lse).exp_u20();
+            Vec prob = ((Vec::loadu(s + j) - lse) - log_l).exp_u20();
             if (f.dropout.on()) prob = prob * f.dropout.keep(first + j);
             acc = at::vec::fmadd(prob, Vec::loadu(dp + j), acc);
           }
@@ -600,9 +632,10 @@ void backward_pair(const Backward<T>& p, BackScratch& w, int64_t b, int64_t h) {
       float* dpb = w.dp.data();
       block(q0, rows, k0, keys, [&](int64_t i, float* s, float* dp, int64_t visible, uint64_t first) {
         const int64_t qi = q0 + i;
-        const Vec lse(w.lse[qi]), delta(w.delta[qi]);
+        const Vec lse(w.lse[qi]), log_l(w.log_l[qi]), delta(w.delta[qi]);
         for (int64_t j = 0; j < width; j += kVecSize) {
-          const Vec prob = (Vec::loadu(s + j) - lse).exp_u20();  // 0 where masked and on rows with lse = inf
+          // 0 where masked and on rows with lse = inf
+          const Vec prob = ((Vec::loadu(s + j) - lse) - log_l).exp_u20();
           Vec dprob = Vec::loadu(dp + j), kept = prob;
           if (f.dropout.on()) {
             const Vec m = f.dropout.keep(first + j);

@@ -45,14 +45,19 @@ def implements(op: str, device_type: str, dtype: torch.dtype | None = None) -> b
     return not (op in _FP32_GEMM_OPS and device_type == "cuda" and dtype == torch.float32)
 
 
-def unavailable_reason(device_type: str) -> str | None:
-    """Why these kernels cannot run on ``device_type`` tensors here, or None when they can."""
-    if device_type == "cuda":
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why these kernels cannot run on ``device``'s tensors here, or None when they can.
+
+    On CUDA the capability checked is that of ``device`` itself ("cuda" without an index: the
+    current GPU), so a model on an older second GPU falls back there and nowhere else.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device is available"
-        capability = torch.cuda.get_device_capability()
+        capability = torch.cuda.get_device_capability(device)
         if capability < MIN_CAPABILITY:
-            name = torch.cuda.get_device_name()
+            name = torch.cuda.get_device_name(device)
             return (f"the Triton kernels need compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+, "
                     f"but {name} is {capability[0]}.{capability[1]}")
     return None

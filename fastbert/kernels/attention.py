@@ -32,7 +32,10 @@ seed read from a one-element int64 tensor in the kernel; with both off it is the
 kernel. The backward is FlashAttention-2's: D = rowsum(dO * O) (which also zeroes the dummy
 rows' gradients), a dK/dV kernel per key block walking its sequence's query blocks, a dQ kernel
 per query block walking the key blocks, both recomputing P = exp(s - lse) and the dropout mask,
-with the forward's causal split and biases. No atomics: the relative-bias gradient is summed per
+with the forward's causal split and biases. Where fp32 lost log l from a row's lse = m + log l
+(its largest score huge: every key masked by a finite minimum, as Hugging Face masks are), a
+kernel before them recomputes m and l for that row's block, shifts by m and divides the row's
+dO and D by l instead (:func:`_attention_bwd_lse`), so such rows get exact gradients. No atomics: the relative-bias gradient is summed per
 distance bucket inside each dQ program (one bucket at a time over the range a tile touches, so
 it costs about a tile pass per bucket there: correct and deterministic, not fast) and over the
 programs in a fixed order.
@@ -60,6 +63,9 @@ MAX_GRID_YZ = 65535
 _LOG2E = tl.constexpr(LOG2E)
 # The most negative finite bias whose base-2 rescale (x log2(e)) still fits in fp32.
 _MIN_BIAS = tl.constexpr(-torch.finfo(torch.float32).max / LOG2E)
+# From this base-2 magnitude up, fp32 keeps log2 l of lse = m + log2 l to worse than 2^-16
+# (1.1e-5 relative in each probability): the backward recomputes those rows' m and l.
+_INEXACT_LSE2 = tl.constexpr(256.0)
 
 
 @triton.jit
@@ -276,7 +282,7 @@ def _dkdv_block(
     if MASKED:
         qt = tl.load(qt_ptrs, mask=dim_ok[:, None] & row_ok[None, :], other=0.0)
         do = tl.load(do_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     else:
         if HEAD_DIM != BLOCK_D:
@@ -285,7 +291,7 @@ def _dkdv_block(
         else:
             qt = tl.load(qt_ptrs)
             do = tl.load(do_ptrs)
-        lse = tl.load(lse_base + rows)
+        lse2 = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
     st = tl.dot(k, qt, input_precision="ieee") * qk_scale  # [BLOCK_N, BLOCK_M], base 2
     if REL_BIAS:
@@ -303,7 +309,7 @@ def _dkdv_block(
             visible = visible & (keys[:, None] <= rows[None, :])
         st = tl.where(visible, st, float("-inf"))
     # lse = +inf (rows that see no key; rows past the end) makes every probability 0, never NaN.
-    pt = tl.exp2(st - (lse * _LOG2E)[None, :])
+    pt = tl.exp2(st - lse2[None, :])
     dpt = tl.dot(v, tl.trans(do), input_precision="ieee")  # dO V^T, transposed
     if DROPOUT:
         kept = tl.rand(seed, ((drop_base + rows) << 32)[None, :] | keys.to(tl.int64)[:, None]) > dropout_p
@@ -325,7 +331,7 @@ def _attention_bwd_dkdv(
     do_ptr,  # [T, N, D] gradient of the output
     dk_ptr,  # [T, N, D] key gradients (a slice of dqkv)
     dv_ptr,  # [T, N, D] value gradients (a slice of dqkv, strides of dk_ptr)
-    lse_ptr,  # [N, T] fp32 natural log-sum-exp of the forward, contiguous
+    lse_ptr,  # [N, T] fp32 base-2 row shift of the probabilities, contiguous (see _attention_bwd_lse)
     delta_ptr,  # [N, T] fp32 rowsum(dO * O), contiguous
     bias_ptr,  # [B, N, S, S] additive bias by strides (HAS_BIAS)
     rel_ptr,  # [N, 2R + 1] fp32 relative-bias table, unit stride over the distance (REL_BIAS)
@@ -407,6 +413,34 @@ def _attention_bwd_dkdv(
 
 
 @triton.jit
+def _dq_scores(
+    q, kt, q_pos, rows, row_ok, keys, key_ok, bias_base, rel_base, pos_base, stride_bm, stride_bn, rel_radius,
+    qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, REL_BIAS: tl.constexpr,
+):
+    """The forward's base-2 scores of a query block against one key block (``kt``: K transposed,
+    [BLOCK_D, keys]), [queries, keys], -inf where masked; returns (scores, each pair's bucket of
+    the relative-bias table (REL_BIAS; else 0))."""
+    s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+    bucket = 0
+    if REL_BIAS:
+        k_pos = tl.load(pos_base + keys, mask=key_ok, other=0)
+        bucket = tl.minimum(tl.maximum(k_pos[None, :] - q_pos[:, None], -rel_radius), rel_radius) + rel_radius
+        s += tl.load(rel_base + bucket) * _LOG2E
+    if HAS_BIAS:
+        b = tl.load(bias_base + rows[:, None] * stride_bm + keys[None, :] * stride_bn,
+                    mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.where(b == float("-inf"), b, tl.maximum(b, _MIN_BIAS))
+        s += b * _LOG2E
+    if MASKED:
+        visible = key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= rows[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    return s, bucket
+
+
+@triton.jit
 def _dq_block(
     dq, d_rel, q, do, lse2, delta, q_pos, rows, row_ok, start_n, seq_len, k_base, v_base, bias_base, rel_base,
     pos_base, stride_kt, stride_vt, stride_bm, stride_bn, rel_radius, qk_scale, seed, drop_rows, dropout_p,
@@ -432,21 +466,8 @@ def _dq_block(
     else:
         kt = tl.load(kt_ptrs)
         vt = tl.load(vt_ptrs)
-    s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-    if REL_BIAS:
-        k_pos = tl.load(pos_base + keys, mask=key_ok, other=0)
-        bucket = tl.minimum(tl.maximum(k_pos[None, :] - q_pos[:, None], -rel_radius), rel_radius) + rel_radius
-        s += tl.load(rel_base + bucket) * _LOG2E
-    if HAS_BIAS:
-        b = tl.load(bias_base + rows[:, None] * stride_bm + keys[None, :] * stride_bn,
-                    mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)
-        b = tl.where(b == float("-inf"), b, tl.maximum(b, _MIN_BIAS))
-        s += b * _LOG2E
-    if MASKED:
-        visible = key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (keys[None, :] <= rows[:, None])
-        s = tl.where(visible, s, float("-inf"))
+    s, bucket = _dq_scores(q, kt, q_pos, rows, row_ok, keys, key_ok, bias_base, rel_base, pos_base, stride_bm,
+                           stride_bn, rel_radius, qk_scale, MASKED, CAUSAL, HAS_BIAS, REL_BIAS)
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, vt, input_precision="ieee")
     if DROPOUT:
@@ -468,13 +489,92 @@ def _dq_block(
 
 
 @triton.jit
+def _attention_bwd_lse(
+    q_ptr,  # [T, N, D] queries, unit stride over D
+    k_ptr,  # [T, N, D] keys
+    do_ptr,  # [T, N, D] gradient of the output
+    do2_ptr,  # [T, N, D] contiguous: dO / l (l = 1 but on the rows recomputed here), for the dQ and dK/dV kernels
+    lse_ptr,  # [N, T] fp32 natural log-sum-exp of the forward, contiguous
+    lse2_ptr,  # [N, T] fp32 base-2 row shift for the dQ and dK/dV kernels, contiguous
+    delta_ptr,  # [N, T] fp32 rowsum(dO * O) of the preprocess, divided by l here where l is recomputed
+    bias_ptr,  # [B, N, S, S] additive bias by strides (HAS_BIAS)
+    rel_ptr,  # [N, 2R + 1] fp32 relative-bias table, unit stride over the distance (REL_BIAS)
+    pos_ptr,  # [T] int32 column of each token in its padded sequence (REL_BIAS)
+    cu_seqlens_ptr,  # [B + 1] int32 sequence starts
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_dot, stride_doh,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_rh,  # rel_ptr: between heads
+    rel_radius,  # R: distances are clamped to [-R, R]
+    n_tokens,  # T: rows of q (the lse row stride)
+    qk_scale,  # scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, REL_BIAS: tl.constexpr,
+):
+    """The row shift the gradient kernels subtract from the scores: lse · log2(e), except on rows
+    where the saved lse is inexact. A row whose largest score is huge (every key masked by a
+    finite minimum, as Hugging Face masks are: scores near -3.4e38) has an lse = m + log l from
+    which fp32 dropped log l, so exp(s - lse) would be 1 instead of 1/l. For a query block
+    holding such a row the forward's m and l are recomputed; the shift is m, which makes the
+    probabilities l times too large, and dO and D are divided by l instead (every gradient is
+    linear in them). In a kernel of its own, so that this rare pass costs the gradient kernels
+    no registers; the copy of dO it writes is their only cost."""
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1).to(tl.int64)
+    seq = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+    seq_len = (tl.load(cu_seqlens_ptr + seq + 1) - seq_start).to(tl.int32)
+    if start_m >= seq_len:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < seq_len
+    io_mask = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    stat_rows = head * n_tokens + seq_start + rows  # int64 (head, packed row)
+    lse2 = tl.load(lse_ptr + stat_rows, mask=row_ok, other=float("inf")) * _LOG2E
+    inv_l = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    finite = lse2 < float("inf")  # not rows that see no key, nor rows past the end
+    if tl.max(tl.where(finite, tl.abs(lse2), 0.0), 0) >= _INEXACT_LSE2:
+        q = tl.load(q_ptr + seq_start * stride_qt + head * stride_qh + rows[:, None] * stride_qt + dims[None, :],
+                    mask=io_mask, other=0.0)
+        pos_base = pos_ptr + seq_start
+        q_pos = tl.load(pos_base + rows, mask=row_ok, other=0) if REL_BIAS else rows
+        k_base = k_ptr + seq_start * stride_kt + head * stride_kh
+        bias_base = bias_ptr + seq.to(tl.int64) * stride_bb + head * stride_bh
+        rel_base = rel_ptr + head * stride_rh
+        end_n = tl.minimum(seq_len, start_m + BLOCK_M) if CAUSAL else seq_len
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(0, end_n, BLOCK_N):
+            keys = start_n + tl.arange(0, BLOCK_N)
+            key_ok = keys < seq_len
+            kt = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None],
+                         mask=(dims < HEAD_DIM)[:, None] & key_ok[None, :], other=0.0)
+            s, _ = _dq_scores(q, kt, q_pos, rows, row_ok, keys, key_ok, bias_base, rel_base, pos_base, stride_bm,
+                              stride_bn, rel_radius, qk_scale, True, CAUSAL, HAS_BIAS, REL_BIAS)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), 1)
+            m_i = m_new
+        lse2 = tl.where(finite, m_i, lse2)
+        inv_l = tl.where(finite, 1.0 / tl.where(finite, l_i, 1.0), 1.0)
+        delta = tl.load(delta_ptr + stat_rows, mask=row_ok, other=0.0)
+        tl.store(delta_ptr + stat_rows, delta * inv_l, mask=row_ok)
+    tl.store(lse2_ptr + stat_rows, lse2, mask=row_ok)
+    do = tl.load(do_ptr + seq_start * stride_dot + head * stride_doh + rows[:, None] * stride_dot + dims[None, :],
+                 mask=io_mask, other=0.0)
+    n_heads = tl.num_programs(1)
+    do2_offs = ((seq_start + rows[:, None]) * n_heads + head) * HEAD_DIM + dims[None, :]
+    tl.store(do2_ptr + do2_offs, (do.to(tl.float32) * inv_l[:, None]).to(do2_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
 def _attention_bwd_dq(
     q_ptr,  # [T, N, D] queries, unit stride over D
     k_ptr,  # [T, N, D] keys
     v_ptr,  # [T, N, D] values
     do_ptr,  # [T, N, D] gradient of the output
     dq_ptr,  # [T, N, D] query gradients (a slice of dqkv)
-    lse_ptr,  # [N, T] fp32 natural log-sum-exp of the forward, contiguous
+    lse_ptr,  # [N, T] fp32 base-2 row shift of the probabilities, contiguous (see _attention_bwd_lse)
     delta_ptr,  # [N, T] fp32 rowsum(dO * O), contiguous
     bias_ptr,  # [B, N, S, S] additive bias by strides (HAS_BIAS)
     rel_ptr,  # [N, 2R + 1] fp32 relative-bias table, unit stride over the distance (REL_BIAS)
@@ -513,7 +613,7 @@ def _attention_bwd_dq(
                  mask=io_mask, other=0.0)
     stat_rows = head * n_tokens + seq_start + rows  # int64 (head, packed row)
     # Rows past the end get lse = +inf: probability 0, so they contribute nothing.
-    lse2 = tl.load(lse_ptr + stat_rows, mask=row_ok, other=float("inf")) * _LOG2E
+    lse2 = tl.load(lse_ptr + stat_rows, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + stat_rows, mask=row_ok, other=0.0)
     drop_rows = stat_rows << 32
     seed = tl.load(seed_ptr) if DROPOUT else 0
@@ -770,7 +870,9 @@ def backward_config(head_dim: int, dtype: torch.dtype, interpreting: bool = Fals
     width = block_d(head_dim)
     if dtype == torch.float32:
         if arch >= 90:  # more dQ warps spilled 8-28 bytes there with Triton 3.8 (at 64-80 registers)
-            return BackwardConfig(Config(16, 16, 4 if width <= 64 else 8, 1), Config(16, 16, 4, 1))
+            # 8 dK/dV warps spilled 24 bytes at head dims 80 and 96 with Triton 3.9 (at 80 registers),
+            # 4 did at 128 with the relative bias.
+            return BackwardConfig(Config(16, 16, 4 if head_dim <= 96 else 8, 1), Config(16, 16, 4, 1))
         dq_warps = 4 if width <= 64 else 8 if width <= 128 else 16  # fewer spill (16-96 bytes on sm_80)
         return BackwardConfig(Config(16, 16, 4 if width <= 64 else 8, 1), Config(16, 16, dq_warps, 1))
     if width <= 64:
@@ -802,8 +904,9 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
     """(dqkv [T, 3, N, D], d_rel_bias); see :func:`fastbert.reference.attention_backward`.
 
     FlashAttention-2's backward from the saved ``out`` (after dropout) and ``lse``: D =
-    rowsum(dO * O), then dK/dV and dQ kernels recomputing the probabilities and the dropout
-    mask. Deterministic: every gradient element is written by one program, and the relative
+    rowsum(dO * O), the rows' shifts (recomputed where ``lse`` is inexact, see
+    :func:`_attention_bwd_lse`), then dQ and dK/dV kernels recomputing the probabilities and
+    the dropout mask. Deterministic: every gradient element is written by one program, and the relative
     bias's gradient is summed per bucket inside each dQ program and over programs in a fixed
     order. Dummy rows and rows that see no key get zero dq (dummy rows zero dk and dv too).
     ``dqkv`` (optional, contiguous ``[T, 3, N, D]`` in q's dtype) receives the gradients;
@@ -840,27 +943,35 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
     width_d = block_d(head_dim)
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=width_d, CAUSAL=causal, HAS_BIAS=bias is not None,
                  REL_BIAS=rel_bias is not None, DROPOUT=dropout)
+    # What the gradient kernels read in place of lse and dO (see _attention_bwd_lse).
+    lse2 = torch.empty_like(lse)
+    grad2 = torch.empty(T, heads, head_dim, dtype=grad.dtype, device=q.device)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               grad.stride(0), grad.stride(1), dqkv.stride(0), dqkv.stride(2))
+               grad2.stride(0), grad2.stride(1), dqkv.stride(0), dqkv.stride(2))
     with on_device_of(q):
         _attention_bwd_preprocess[(triton.cdiv(T, PREPROCESS_ROWS), heads)](
             out, grad, delta, dqkv, cu_seqlens, out.stride(0), out.stride(1), grad.stride(0), grad.stride(1),
             dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), T, batch,
             HEAD_DIM=head_dim, BLOCK_D=width_d, BLOCK_M=PREPROCESS_ROWS, num_warps=preprocess_warps(width_d))
-        c = cfg.dkdv
-        _attention_bwd_dkdv[(triton.cdiv(max_seqlen, c.block_n), heads, batch)](
-            q, k, v, grad, dk, dv, lse, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, seed_arg,
-            *strides, *bias_args[1:], *rel_args[2:], T, scale * LOG2E, scale, float(dropout_p),
-            BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, num_warps=c.num_warps, num_stages=c.num_stages)
         c = cfg.dq
         blocks_m = triton.cdiv(max_seqlen, c.block_m)
+        _attention_bwd_lse[(blocks_m, heads, batch)](
+            q, k, grad, grad2, lse, lse2, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, *strides[:4],
+            grad.stride(0), grad.stride(1), *bias_args[1:], *rel_args[2:], T, scale * LOG2E, BLOCK_M=c.block_m,
+            BLOCK_N=c.block_n, HEAD_DIM=head_dim, BLOCK_D=width_d, CAUSAL=causal, HAS_BIAS=bias is not None,
+            REL_BIAS=rel_bias is not None, num_warps=c.num_warps, num_stages=c.num_stages)
         partial = (torch.zeros(heads, batch, blocks_m, width, dtype=torch.float32, device=q.device)
                    if rel_bias is not None else d_rel)
         _attention_bwd_dq[(blocks_m, heads, batch)](
-            q, k, v, grad, dq, lse, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, seed_arg, partial,
+            q, k, v, grad2, dq, lse2, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, seed_arg, partial,
             *strides, *bias_args[1:], *rel_args[2:], T, scale * LOG2E, scale, float(dropout_p),
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_W=max(16, triton.next_power_of_2(width)), **flags,
             num_warps=c.num_warps, num_stages=c.num_stages)
+        c = cfg.dkdv
+        _attention_bwd_dkdv[(triton.cdiv(max_seqlen, c.block_n), heads, batch)](
+            q, k, v, grad2, dk, dv, lse2, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, seed_arg,
+            *strides, *bias_args[1:], *rel_args[2:], T, scale * LOG2E, scale, float(dropout_p),
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, num_warps=c.num_warps, num_stages=c.num_stages)
     if rel_bias is not None:
         d_rel = partial.sum((1, 2))  # a fixed-order reduction over the programs' partial sums
     return dqkv, d_rel

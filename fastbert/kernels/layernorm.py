@@ -405,15 +405,16 @@ def _split_rows(n_rows: int, rows: int, interpreting: bool) -> tuple[int, int]:
     return triton.cdiv(n_rows, per_program), per_program
 
 
-def _stats(T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty(T, dtype=torch.float32, device=device), torch.empty(T, dtype=torch.float32, device=device))
+def _stats(rows: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 mean and rstd of each row, shaped ``rows`` (the input's shape without its last dim)."""
+    return tuple(torch.empty(rows, dtype=torch.float32, device=device) for _ in range(2))
 
 
 def add_layernorm_train(x, residual, bias, weight, ln_bias, eps, dropout_p, seed, out=None):
-    """(LayerNorm(dropout(x + bias) + residual) · weight + ln_bias, mean [T], rstd [T] fp32);
+    """(LayerNorm(dropout(x + bias) + residual) · weight + ln_bias, mean, rstd fp32 shaped ``x.shape[:-1]``);
     see :func:`fastbert.reference.add_layernorm_train` (dropout counter token · H + column)."""
     reference.check_dropout(dropout_p, seed)
-    mean, rstd = _stats(x.reshape(-1, x.shape[-1]).shape[0], x.device)
+    mean, rstd = _stats(x.shape[:-1], x.device)
     out = add_layernorm(x, residual, bias, weight, ln_bias, eps, out=out, mean=mean, rstd=rstd,
                         dropout_p=dropout_p, seed=seed)
     return out, mean, rstd
@@ -461,7 +462,7 @@ def embed_layernorm_train(input_ids, position_ids, token_type_ids, word_embeddin
     :func:`fastbert.reference.embed_layernorm_train` (dropout counter token · E + column; the
     padding indices only matter to the backward)."""
     reference.check_dropout(dropout_p, seed)
-    mean, rstd = _stats(input_ids.shape[0], word_embeddings.device)
+    mean, rstd = _stats(input_ids.shape, word_embeddings.device)
     out = embed_layernorm(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
                           token_type_embeddings, weight, ln_bias, eps, out=out, mean=mean, rstd=rstd,
                           dropout_p=dropout_p, seed=seed)
