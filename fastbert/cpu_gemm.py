@@ -31,10 +31,11 @@ dropped with the tensor; after a measurement, the copies of the layouts that los
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mk
 MKL_AVAILABLE = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 PANELS_AVAILABLE = _C is not None and hasattr(_C.cpu, "panel_linear")
 PANEL_WIDTH = _C.cpu.PANEL_WIDTH if PANELS_AVAILABLE else 0
+AVAILABLE = {ATEN: True, ONEDNN: ONEDNN_AVAILABLE, MKL: MKL_AVAILABLE, PANELS: PANELS_AVAILABLE}
 # MKL's packed weight is made for a nominal row count; its layout serves every row count
 # (outputs bitwise equal for packs made for 1 and 512 rows; tests check several row counts).
 MKL_PACK_ROWS = 1
@@ -73,6 +75,17 @@ def set_choice(choice: str) -> None:
 
 
 set_choice(os.environ.get(ENV_VAR, "auto"))
+
+
+@contextlib.contextmanager
+def using(choice: str) -> Iterator[None]:
+    """:func:`set_choice` inside a ``with`` block, the previous choice restored after it."""
+    previous = _pinned or "auto"
+    set_choice(choice)
+    try:
+        yield
+    finally:
+        set_choice(previous)
 
 
 @functools.lru_cache(maxsize=None)

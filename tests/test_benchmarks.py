@@ -111,7 +111,7 @@ def test_workload_that_cannot_load_is_reported(tmp_path, monkeypatch):
 
 
 def test_end_to_end_json_and_report(tmp_path):
-    impls = "fastbert-torch,fastbert-cpp,fastbert-triton,hf-eager,nested-tensor"
+    impls = "fastbert-torch,fastbert-cpp,fastbert-cpp-gemm-panels,fastbert-triton,hf-eager,nested-tensor"
     status = cli.main(["--device", "cpu", "--workload", "tiny", "--impl", impls, "--shapes", "2x16,3x33",
                        "--fills", "full,uniform", "--budget", "0", "--out", str(tmp_path)])
     assert status == 0

@@ -19,10 +19,8 @@ from fastbert import cpu_gemm
 from tolerance import assert_within_rule
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.ONEDNN_AVAILABLE, reason="this torch has no oneDNN linear")
-needs_mkl = pytest.mark.skipif(not cpu_gemm.MKL_AVAILABLE, reason="this torch has no MKL packed linear")
 needs_panels = pytest.mark.skipif(not cpu_gemm.PANELS_AVAILABLE, reason="fastbert._C is not built")
-AVAILABLE = {"aten": True, "onednn": cpu_gemm.ONEDNN_AVAILABLE, "mkl": cpu_gemm.MKL_AVAILABLE,
-             "panels": cpu_gemm.PANELS_AVAILABLE}
+AVAILABLE = cpu_gemm.AVAILABLE
 
 
 @pytest.fixture(params=["aten", "onednn", "mkl", "panels"])
@@ -178,6 +176,11 @@ def test_a_pinned_choice_wins_without_measuring(choice, fake_clock):
     assert fake_clock.calls == [] and cpu_gemm.TABLE.entries() == {}
     with pytest.raises(ValueError, match="FASTBERT_CPU_GEMM must be one of"):
         choice("mkl-dnn")
+    choice("auto")
+    with cpu_gemm.using("aten"):  # pinned inside the block only
+        assert cpu_gemm.library(x, w) == cpu_gemm.ATEN and fake_clock.calls == []
+    fake_clock.costs = {lib: 0.5 for lib in cpu_gemm.AVAILABLE if lib != cpu_gemm.ATEN}
+    assert cpu_gemm.library(x, w) == cpu_gemm.candidates(torch.float32, True)[1] and fake_clock.calls
 
 
 # A second process: loads the first one's decisions from the cache, times nothing, and computes
