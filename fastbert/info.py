@@ -8,10 +8,11 @@ It prints the machine (CPU vendor, model name as lscpu gives it, ISA flags; the 
 compute capability), the torch, Triton and transformers versions, the extension build (its
 ISA, CUDA or not, which ops have kernels), each backend and why any is unavailable, the cache of
 measured choices and the choices made so far (:mod:`fastbert.tuning`). ``--check`` runs every op
-each available backend implements on this device, on small awkward shapes (sequence lengths
-1, 7 and 70, head dim 40, hidden sizes that are not powers of two), against the float64
-reference: an op passes when its error is at most twice that of the reference computed in the
-same dtype, plus a floor. It prints pass or FAIL per op and exits 1 on any failure.
+each available backend implements on this device (the inference ops, and the training forwards
+without dropout and the backwards), on small awkward shapes (sequence lengths 1, 7 and 70, head
+dim 40, hidden sizes that are not powers of two), against the float64 reference: an op passes
+when each output's error is at most twice that of the reference computed in the same dtype,
+plus a floor. It prints pass or FAIL per op and exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from fastbert import backends, machine, tuning
+from fastbert import backends, machine, reference, tuning
 
 # The ISA flags that decide which CPU kernels run (fastbert's, oneDNN's, MKL's).
 ISA_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx")
@@ -111,7 +112,7 @@ def cases(device: torch.device, dtype: torch.dtype) -> dict[str, list[tuple]]:
     mask = torch.arange(70, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
     indices = mask.flatten().nonzero().flatten()
     ids = torch.randint(0, 30, (tokens,), generator=g).to(device)
-    return {
+    inference = {
         "linear": [(rand(7, hidden), rand(96, hidden) / 9, rand(96)), (rand(tokens, 256), rand(64, 256) / 16, None)],
         "attention": [(q, k, v, cu, 70, head_dim**-0.5, causal, None) for causal in (False, True)],
         "linear_gelu": [(rand(tokens, hidden), rand(144, hidden) / 9, rand(144), approximate)
@@ -122,29 +123,61 @@ def cases(device: torch.device, dtype: torch.dtype) -> dict[str, list[tuple]]:
         "unpad": [(rand(3, 70, hidden), indices)],
         "pad": [(rand(tokens, hidden), indices, 3, 70)],
     }
+    # Training: the forwards without dropout, the backwards from the reference's saved tensors
+    # (statistics in fp32, as kernels save them for every dtype).
+    attention = (q, k, v, cu, 70, head_dim**-0.5, False, None, None, None, 0.0, None)
+    x, w, b = inference["linear_gelu"][0][:3]
+    add_ln = inference["add_layernorm"][0] + (0.0, None)
+    embed = inference["embed_layernorm"][0] + (0.0, None, 0, -1)
+    out, lse = reference.attention_train(*attention)
+    pre = reference.linear_gelu_train(x, w, b, "tanh")[1]
+    mean, rstd = (t.float() for t in reference.add_layernorm_train(*add_ln)[1:])
+    embed_mean, embed_rstd = (t.float() for t in reference.embed_layernorm_train(*embed)[1:])
+    lse = lse.float()
+    grad = rand(tokens, hidden)
+    training = {
+        "attention_train": [attention],
+        "attention_backward": [(rand(tokens, heads, head_dim), q, k, v, out, lse, *attention[3:])],
+        "linear_gelu_train": [(x, w, b, "tanh")],
+        "linear_gelu_backward": [(rand(tokens, 144), x, w, pre, "tanh")],
+        "add_layernorm_train": [add_ln],
+        "add_layernorm_backward": [(grad, *add_ln[:5], mean, rstd, *add_ln[5:])],
+        "embed_layernorm_train": [embed],
+        "embed_layernorm_backward": [(grad, *embed[:8], embed_mean, embed_rstd, *embed[8:])],
+    }
+    return {**inference, **training}
 
 
 def _cast(args: tuple, dtype: torch.dtype) -> tuple:
-    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    """The float64 tensors of ``args`` in ``dtype`` (fp32 statistics stay fp32)."""
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype == torch.float64 else a for a in args)
 
 
 def check_op(function: Callable, reference: Callable, args64: tuple, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether ``function`` on ``args64`` cast to ``dtype`` is within the rule (module docstring)."""
+    """Whether ``function`` on ``args64`` cast to ``dtype`` is within the rule (module docstring),
+    for each of its outputs."""
+    def outputs(result):
+        return result if isinstance(result, tuple) else (result,)
+
     with torch.no_grad():
-        want = reference(*args64).double()
-        peer = reference(*_cast(args64, dtype)).double()
-        got = function(*_cast(args64, dtype))
-    if got.shape != want.shape:
-        return False, f"shape {tuple(got.shape)} != reference {tuple(want.shape)}"
-    err = (got.double() - want).abs().max().item() if got.numel() else 0.0
-    bound = 2 * ((peer - want).abs().max().item() if peer.numel() else 0.0) + FLOOR[dtype]
-    return err <= bound, f"max error {err:.2e}, allowed {bound:.2e}"
+        wants = outputs(reference(*args64))
+        peers = outputs(reference(*_cast(args64, dtype)))
+        gots = outputs(function(*_cast(args64, dtype)))
+    if len(gots) != len(wants):
+        return False, f"{len(gots)} outputs, the reference has {len(wants)}"
+    details, passed = [], True
+    for got, want, peer in zip(gots, wants, peers):
+        if got.shape != want.shape:
+            return False, f"shape {tuple(got.shape)} != reference {tuple(want.shape)}"
+        err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+        bound = 2 * ((peer.double() - want.double()).abs().max().item() if peer.numel() else 0.0) + FLOOR[dtype]
+        passed &= err <= bound  # NaN fails
+        details.append(f"max error {err:.2e}, allowed {bound:.2e}")
+    return passed, "; ".join(details)
 
 
 def check() -> bool:
     """Every op of every available backend on every device here; prints one line per op."""
-    from fastbert import reference
-
     ok = True
     for device in devices():
         dtype = torch.float32 if device.type == "cpu" else torch.float16

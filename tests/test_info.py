@@ -42,7 +42,7 @@ def test_model_forward_makes_and_shows_gemm_choices(tmp_path, monkeypatch, capsy
 def test_check_passes_on_every_available_backend(capsys):
     assert info.main(["--check"]) == 0
     out = capsys.readouterr().out
-    for op in backends.OPS:
+    for op in backends.OPS + backends.TRAINING_OPS:
         assert f"check cpu torch {op} (float32): pass" in out
 
 
@@ -52,19 +52,19 @@ def test_check_fails_when_an_op_is_broken(monkeypatch, capsys, broken):
 
     def implementation(op, backend, device_type, direct=False):
         function = real(op, backend, device_type, direct)
-        if op != "add_layernorm":
+        if op != "add_layernorm_backward":
             return function
         if broken == "crashes":
             def crash(*args):
                 raise RuntimeError("kernel exploded")
             return crash
-        return lambda *args: function(*args) * 1.001
+        return lambda *args: tuple(t * 1.001 for t in function(*args))  # every gradient 0.1 % off
 
     monkeypatch.setattr(backends, "implementation", implementation)
     assert info.main(["--check"]) == 1
     out = capsys.readouterr().out
-    assert "check cpu torch add_layernorm (float32): FAIL" in out
-    assert "check cpu torch linear (float32): pass" in out
+    assert "check cpu torch add_layernorm_backward (float32): FAIL" in out
+    assert "check cpu torch add_layernorm (float32): pass" in out
     if broken == "crashes":
         assert "RuntimeError: kernel exploded" in out
 
