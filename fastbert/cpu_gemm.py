@@ -5,8 +5,9 @@ GEMMs are most of a CPU forward, and which library is fastest depends on the CPU
 the dtype: on an Intel Xeon MKL's fp32 GEMM is at peak for large row counts and the panel GEMM
 wins at few rows; on an AMD EPYC Zen 5 MKL's fp32 GEMM runs at about 45 % of oneDNN's and the
 panel GEMM wins at every row count (benchmarks/NOTES.md). No fixed rule suits every CPU, so
-(``auto``, the default) each GEMM's library is measured on first use of its key: dtype, output
-and input widths N and K, and the row count rounded up to a power of two (:func:`row_bucket`).
+(``auto``, the default) each GEMM's library is measured on first use of its key: the op
+(``linear``, or ``linear_gelu`` timed with its bias and GELU), dtype, output and input widths
+N and K, and the row count rounded up to a power of two (:func:`row_bucket`).
 The candidates (:func:`candidates`), in order of preference on a near-tie:
 
 - ``aten``: ``F.linear`` (MKL), any dtype;
@@ -18,8 +19,8 @@ The candidates (:func:`candidates`), in order of preference on a near-tie:
 
 The measurement, its cache on disk (a second process reuses the choice: same library, bitwise
 the same outputs) and its rules (medians of interleaved rounds, a margin for near-ties, never
-while tracing) are :mod:`fastbert.tuning`'s; the decisions are :data:`TABLE`'s. Measured
-GEMMs run on ATen regardless while gradients are on (packed copies are not part of autograd's
+while tracing) are :mod:`fastbert.tuning`'s; the decisions are :data:`TABLE`'s. Without
+measuring, GEMMs run on ATen while gradients are on (packed copies are not part of autograd's
 graph), on CUDA tensors, and when x and the weight differ in dtype (ATen says what is wrong).
 
 ``FASTBERT_CPU_GEMM`` (read at import; :func:`set_choice` at run time) pins a library instead of
@@ -93,9 +94,10 @@ def candidates(dtype: torch.dtype, panel_width_fits: bool) -> tuple[str, ...]:
     """The libraries that can run a GEMM of ``dtype`` (the panel GEMM only where the output width
     is a multiple of :data:`PANEL_WIDTH`), in order of preference."""
     if dtype == torch.float32:
-        return (ATEN, *[ONEDNN] * ONEDNN_AVAILABLE, *[MKL] * MKL_AVAILABLE,
-                *[PANELS] * (PANELS_AVAILABLE and panel_width_fits))
-    return (ATEN, *[ONEDNN] * ONEDNN_AVAILABLE) if dtype == torch.bfloat16 else (ATEN,)
+        runs = (ATEN, ONEDNN, MKL, *[PANELS] * panel_width_fits)
+    else:
+        runs = (ATEN, ONEDNN) if dtype == torch.bfloat16 else (ATEN,)
+    return tuple(library for library in runs if AVAILABLE[library])
 
 
 def row_bucket(rows: int) -> int:
@@ -103,16 +105,22 @@ def row_bucket(rows: int) -> int:
     return 1 << max(rows - 1, 0).bit_length()
 
 
-def library(x: torch.Tensor, weight: torch.Tensor) -> str:
-    """Which library runs ``x [rows, K] @ weight.T`` (module docstring): ATEN, ONEDNN, MKL or PANELS."""
-    if torch.is_grad_enabled() or x.is_cuda or x.dtype != weight.dtype or x.dim() != 2:
-        return ATEN
+def library(x: torch.Tensor, weight: torch.Tensor, op: str = "linear",
+            trial: Callable[[str], object] | None = None) -> str:
+    """Which library runs ``x [rows, K] @ weight.T`` (module docstring): ATEN, ONEDNN, MKL or PANELS.
+
+    ``op`` names what runs around the GEMM and is part of the key (``linear_gelu``: its bias and
+    GELU, fused into the panel GEMM's epilogue, a separate pass after the others);
+    ``trial(library)`` runs all of it once for timing (default: the plain GEMM).
+    """
+    if torch.is_grad_enabled() or x.is_cuda or x.dtype != weight.dtype or x.dim() != 2 or not len(x):
+        return ATEN  # (no rows: nothing to measure on)
     N, K = weight.shape
     options = candidates(x.dtype, PANELS_AVAILABLE and N % PANEL_WIDTH == 0)
     if _pinned is not None:
         return _pinned if _pinned in options else ATEN
-    key = (x.dtype, N, K, row_bucket(x.shape[0]))
-    return TABLE.choose(key, options, functools.partial(run, x=x, weight=weight, bias=None),
+    key = (op, x.dtype, N, K, row_bucket(len(x)))
+    return TABLE.choose(key, options, trial or functools.partial(run, x=x, weight=weight, bias=None),
                         functools.partial(_drop_losers, weight))
 
 

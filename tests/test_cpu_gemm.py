@@ -134,6 +134,7 @@ def test_candidates_and_what_runs_on_aten(choice):
         assert cpu_gemm.library(x, w) == cpu_gemm.ATEN  # autograd must see the GEMM
     assert cpu_gemm.library(x, w.bfloat16()) == cpu_gemm.ATEN  # mixed dtypes: ATen says what is wrong
     assert cpu_gemm.library(x.half(), w.half()) == cpu_gemm.ATEN
+    assert cpu_gemm.library(x[:0], w) == cpu_gemm.ATEN and cpu_gemm.linear(x[:0], w).shape == (0, 768)
 
 
 @torch.no_grad()
@@ -153,7 +154,7 @@ def test_measures_once_per_key_and_keeps_the_fastest(choice, fake_clock):
     assert cpu_gemm.library(torch.randn(33, 768), w) == cpu_gemm.ATEN  # a new bucket, measured again
     assert len(fake_clock.calls) > measured
     (key, entry), *_ = cpu_gemm.TABLE.entries().items()
-    assert key == "float32|768|768|32" and entry["source"] == "measured"
+    assert key == "linear|float32|768|768|32" and entry["source"] == "measured"
 
 
 @torch.no_grad()

@@ -35,7 +35,8 @@ def test_model_forward_makes_and_shows_gemm_choices(tmp_path, monkeypatch, capsy
     transformers.BertModel(config).save_pretrained(tmp_path / "model")
     assert info.main(["--model", str(tmp_path / "model")]) == 0
     out = capsys.readouterr().out
-    assert "cpu_gemm float32|192|64|32: " in out  # the fused QKV GEMM at 2 x 16 tokens
+    assert "cpu_gemm linear|float32|192|64|32: " in out  # the fused QKV GEMM at 2 x 16 tokens
+    assert "cpu_gemm linear_gelu|float32|128|64|32: " in out
     assert f"measured choices: cache {tmp_path / 'cache'}" in out
 
 
