@@ -422,8 +422,7 @@ class Runner:
                                 for x in self.o.sections]}
         done = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds") if finished else None
         document = {"run": {"name": self.o.run_name, "started": self.started, "finished": done, **self.env,
-                            "options": options, "cache_dir": str(tuning.cache_dir()),
-                            "choices": tuning.decisions()},
+                            "options": options, "choices": tuning.decisions()},
                     "records": self.records}
         partial = path.with_suffix(".tmp")
         partial.write_text(json.dumps(document, indent=1) + "\n")
