@@ -92,7 +92,7 @@ def _entry_points(kernels) -> dict:
     def linear_gelu_train(x, weight, bias, approximate):
         if cpu_gemm.library(x, weight) == cpu_gemm.ATEN:
             return kernels.linear_gelu_train(x, weight, bias, approximate)
-        pre = cpu_gemm.linear(x, weight, bias)  # the library linear_gelu would use
+        pre = cpu_gemm.linear(x, weight, bias)  # the library measured for the plain GEMM
         return kernels.gelu(pre, approximate), pre
 
     names = ("attention", "add_layernorm", "embed_layernorm", "unpad", "pad", *TRAINING_OPS)
