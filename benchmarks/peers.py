@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import fastbert
-from fastbert import backends
+from fastbert import backends, cpu_gemm
 
 Run = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -144,6 +144,28 @@ def _fastbert(backend: str, cuda_graphs: bool = False):
         moved = [f"{op}={b}" for op, b in backends.plan(device, backend, dtype).items() if b != backend]
         run.detail = "ops on fallback backends: " + ", ".join(moved) if moved else None
         return run
+
+    return build
+
+
+def _fastbert_gemm(library: str):
+    """fastbert-cpp with every CPU GEMM pinned to ``library`` (a ``FASTBERT_CPU_GEMM`` value):
+    each fixed choice timed in the same rounds as the measured one (fastbert-cpp)."""
+    build_cpp = _fastbert("cpp")
+
+    def build(model, device, dtype):
+        if device.type != "cpu":
+            raise Unavailable("CPU GEMM libraries are pinned for CPU runs only")
+        if not cpu_gemm.AVAILABLE[library]:
+            raise Unavailable(f"the {library} GEMM is not available in this build")
+        run = build_cpp(model, device, dtype)
+
+        def pinned(input_ids, attention_mask):
+            with cpu_gemm.using(library):
+                return run(input_ids, attention_mask)
+
+        pinned.detail = run.detail
+        return pinned
 
     return build
 
@@ -268,6 +290,8 @@ PEERS = {
         # optimize(..., cuda_graphs=True): one captured graph per shape bucket, replayed on CUDA;
         # the graphs keep their memory pool between calls.
         Peer("fastbert-triton-graphs", _fastbert("triton", cuda_graphs=True), memory_visible=False),
+        # fastbert-cpp with its CPU GEMMs pinned to one library each, against its measured choice.
+        *(Peer(f"fastbert-cpp-gemm-{lib}", _fastbert_gemm(lib)) for lib in cpu_gemm.CHOICES[1:]),
         Peer("hf-eager", _hf("eager"), graphable=True),
         Peer("hf-sdpa", _hf("sdpa"), graphable=True),
         Peer("hf-sdpa-compile", _compiled(), graphable=True),

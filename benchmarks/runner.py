@@ -20,7 +20,10 @@ BERT-base 8x128, uniform fill, where the CPU has AVX512-BF16 or AMX; elsewhere o
 ``tokens_per_s`` counts real (non-pad) tokens, the work a user asked for. ``load_avg`` (the
 1-minute load average when the timing ended; this process adds about its thread count) tells a
 measurement taken on a busy machine. Every record names the machine (CPU vendor, model and ISA
-flags, see :func:`environment`). Records go to ``<out>/<run>.json``, by default in a folder
+flags, see :func:`environment`) and the measured choices made so far in this process
+(``choices``: table -> key -> option, e.g. the CPU GEMM library per shape, see
+:mod:`fastbert.tuning`; the run's header has them with their sources and timings). Records go
+to ``<out>/<run>.json``, by default in a folder
 named after the CPU or GPU (:func:`device_folder`); ``python -m benchmarks.report <out>``
 renders the markdown summary and the plot.
 """
@@ -44,6 +47,7 @@ from pathlib import Path
 import torch
 
 import fastbert
+from fastbert import machine, tuning
 from benchmarks import report, timing
 from benchmarks.peers import BASELINE, PEERS, Unavailable, hf_module
 from benchmarks.workloads import FILLS, WORKLOADS, make_inputs, shapes_for
@@ -155,31 +159,19 @@ def _commit() -> str | None:
         return None
 
 
-def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+def cpu_info(cpuinfo: Path = machine.CPUINFO) -> dict:
     """The CPU: ``cpu_vendor`` (``vendor_id``: GenuineIntel, AuthenticAMD), ``cpu_model`` (model
     name) and ``cpu_family_model`` (cpuid family and model, e.g. ``6-207``) from ``cpuinfo``,
     ``cpu_flags`` (each of :data:`ISA_FLAGS`: present or not) and torch's
     ``cpu_capability`` (the kernels its CPU dispatch picked: AVX512, AVX2, ...). Without
     ``cpuinfo`` (not Linux) or where it lacks a field (ARM), the vendor and the flags are None and
     the model is what :mod:`platform` says."""
-    fields: dict[str, str] = {}
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        text = ""
-    for line in text.splitlines():  # the first processor's block
-        if not line.strip():
-            if fields:
-                break
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields["flags"].split()) if "flags" in fields else None
+    cpu = machine.cpu(cpuinfo)
+    flags = None if cpu["flags"] is None else set(cpu["flags"])
     return {
-        "cpu_vendor": fields.get("vendor_id") or None,
-        "cpu_model": fields.get("model name") or platform.processor() or platform.machine() or "unknown",
-        "cpu_family_model": (f"{fields['cpu family']}-{fields['model']}"
-                             if "cpu family" in fields and "model" in fields else None),
+        "cpu_vendor": cpu["vendor"],
+        "cpu_model": cpu["model"],
+        "cpu_family_model": cpu["family_model"],
         "cpu_flags": {flag: None if flags is None else flag in flags for flag in ISA_FLAGS},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
@@ -244,6 +236,8 @@ class Runner:
             "attempts": None, "load_avg": None, "build_s": None, "first_call_ms": None, "tokens_per_s": None,
             "speedup_vs_hf_sdpa": None, "max_abs_err": None, "tolerance": None, "peak_mem_mb": None,
             "cuda_graph": False, "detail": None, **fields, **self.env, "timestamp": self.started,
+            "choices": {table: {key: entry["choice"] for key, entry in entries.items()}
+                        for table, entries in tuning.decisions().items()},
         }
         self.records.append(row)
         return row
@@ -428,7 +422,7 @@ class Runner:
                                 for x in self.o.sections]}
         done = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds") if finished else None
         document = {"run": {"name": self.o.run_name, "started": self.started, "finished": done, **self.env,
-                            "options": options},
+                            "options": options, "choices": tuning.decisions()},
                     "records": self.records}
         partial = path.with_suffix(".tmp")
         partial.write_text(json.dumps(document, indent=1) + "\n")

@@ -6,10 +6,10 @@ but attention. Importing fails with ImportError when the extension was not built
 selection then warns once and falls back (see :mod:`fastbert.backends`).
 
 The names below are the registered ops under the op names of :mod:`fastbert.reference`.
-``linear_gelu`` leaves the GEMM to a library (cuBLAS on CUDA; on CPU ATen or oneDNN with a
-prepacked weight, as :mod:`fastbert.cpu_gemm` picks, which also serves ``linear``) and fuses
-bias and GELU into one pass over its output; with few rows on CPU, fastbert's own panel GEMM
-applies them in its epilogue.
+``linear_gelu`` leaves the GEMM to a library (cuBLAS on CUDA; on CPU ATen, oneDNN with a
+prepacked weight or MKL's packed format, as :mod:`fastbert.cpu_gemm` measures, which also
+serves ``linear``) and fuses bias and GELU into one pass over its output; where the CPU's
+choice is fastbert's own panel GEMM, that applies them in its epilogue.
 
 Training: the CPU kernels also implement the training forwards (which return what their
 backward needs: the attention's log-sum-exp, LayerNorm's mean and rstd, the pre-activation) and
@@ -20,6 +20,7 @@ are Philox draws bit for bit as the reference's. On CUDA the extension has no tr
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -72,15 +73,19 @@ def _entry_points(kernels) -> dict:
     ``kernels`` (an object with the compiled kernels as attributes)."""
 
     def linear_gelu(x, weight, bias, approximate):
-        chosen = cpu_gemm.library(x, weight)
+        # The library is measured on this whole function, epilogue included.
+        trial = functools.partial(linear_gelu_on, x=x, weight=weight, bias=bias, approximate=approximate)
+        return linear_gelu_on(cpu_gemm.library(x, weight, "linear_gelu", trial), x, weight, bias, approximate)
+
+    def linear_gelu_on(chosen, x, weight, bias, approximate):
         if chosen == cpu_gemm.PANELS:  # bias and GELU in the GEMM's own epilogue
             return _C.cpu.panel_linear(x, cpu_gemm.panels(weight), bias, approximate)
         if chosen == cpu_gemm.ONEDNN and x.dtype == torch.bfloat16:
             # oneDNN's GELU post-op: 1.3-1.9x faster than a second pass in bf16 (benchmarks/NOTES.md),
             # and the product is rounded to bf16 once, after GELU. In fp32 the two measured even.
             return torch.ops.mkldnn._linear_pointwise(x, cpu_gemm.packed(weight), bias, "gelu", [], approximate)
-        if chosen == cpu_gemm.ONEDNN:
-            y = torch.ops.mkldnn._linear_pointwise(x, cpu_gemm.packed(weight), None, "none", [], "")
+        if chosen != cpu_gemm.ATEN:  # oneDNN in fp32 or MKL's packed format, then one bias+GELU pass
+            y = cpu_gemm.run(chosen, x, weight, None)
             kernels.bias_gelu_(y, bias, approximate)
             return y
         return kernels.linear_gelu(x, weight, bias, approximate)
@@ -88,7 +93,7 @@ def _entry_points(kernels) -> dict:
     def linear_gelu_train(x, weight, bias, approximate):
         if cpu_gemm.library(x, weight) == cpu_gemm.ATEN:
             return kernels.linear_gelu_train(x, weight, bias, approximate)
-        pre = cpu_gemm.linear(x, weight, bias)  # oneDNN or the panel GEMM, as for linear_gelu
+        pre = cpu_gemm.linear(x, weight, bias)  # the library measured for the plain GEMM
         return kernels.gelu(pre, approximate), pre
 
     names = ("attention", "add_layernorm", "embed_layernorm", "unpad", "pad", *TRAINING_OPS)

@@ -25,7 +25,7 @@ RECORD_KEYS = {
     "impl", "status", "reason", "workload", "device", "device_name", "dtype", "batch", "seq_len", "fill", "mean_fill",
     "tokens", "median_ms", "p20_ms", "p80_ms", "reps", "first_call_ms", "tokens_per_s", "speedup_vs_hf_sdpa",
     "max_abs_err", "tolerance", "peak_mem_mb", "cuda_graph", "num_threads", "cpu_model", "versions", "commit",
-    "cpu_vendor", "cpu_flags", "cpu_capability",
+    "cpu_vendor", "cpu_flags", "cpu_capability", "choices",
 }
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -111,7 +111,7 @@ def test_workload_that_cannot_load_is_reported(tmp_path, monkeypatch):
 
 
 def test_end_to_end_json_and_report(tmp_path):
-    impls = "fastbert-torch,fastbert-cpp,fastbert-triton,hf-eager,nested-tensor"
+    impls = "fastbert-torch,fastbert-cpp,fastbert-cpp-gemm-panels,fastbert-triton,hf-eager,nested-tensor"
     status = cli.main(["--device", "cpu", "--workload", "tiny", "--impl", impls, "--shapes", "2x16,3x33",
                        "--fills", "full,uniform", "--budget", "0", "--out", str(tmp_path)])
     assert status == 0
@@ -137,6 +137,12 @@ def test_end_to_end_json_and_report(tmp_path):
     statuses = {r["impl"]: r["status"] for r in records}
     assert statuses["fastbert-triton"] == "unavailable"
     assert statuses["fastbert-cpp"] in ("ok", "unavailable")
+    if statuses["fastbert-cpp"] == "ok":  # its CPU GEMM choices, made on first use, in the records and the header
+        final = document["run"]["choices"]["cpu_gemm"]
+        assert final and {e["source"] for e in final.values()} <= {"measured", "cache", "only"}
+        chosen = {key: entry["choice"] for key, entry in final.items()}
+        assert all(r["choices"]["cpu_gemm"].items() <= chosen.items() for r in measured)
+        assert records[-1]["choices"]["cpu_gemm"] == chosen
 
     (tmp_path / "host-overhead.json").write_text('{"tiny_model": {}}')  # beside the runs; not one of them
     written = report.render(tmp_path)
