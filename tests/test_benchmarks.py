@@ -21,6 +21,9 @@ from benchmarks import __main__ as cli
 from benchmarks import kernels, peers, report, runner, timing, workloads
 from benchmarks.peers import PEERS, Peer, Unavailable, nested_encoder
 
+# Slow, out of the fast loop (pytest -m "not slow"): the benchmark runner, with Inductor compiles.
+pytestmark = pytest.mark.slow
+
 RECORD_KEYS = {
     "impl", "status", "reason", "workload", "device", "device_name", "dtype", "batch", "seq_len", "fill", "mean_fill",
     "tokens", "median_ms", "p20_ms", "p80_ms", "reps", "first_call_ms", "tokens_per_s", "speedup_vs_hf_sdpa",

@@ -24,6 +24,10 @@ import torch
 import fastbert
 import workers
 
+# Slow, out of the fast loop (pytest -m "not slow"):
+# 20-step fine-tuning against HF per head, the example script, DDP in two processes (minutes).
+pytestmark = pytest.mark.slow
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB, PAD = 97, 0
