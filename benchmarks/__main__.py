@@ -1,6 +1,7 @@
 """``python -m benchmarks``: fastbert against its peers on BERT workloads (``--kernels``: op microbenchmarks).
 
     python -m benchmarks --quick                  # MiniLM + a small BERT-base shape: 20 s on 2 idle cores, < 3 min busy
+                                                  # (written under benchmarks/results/local/, not committed)
     python -m benchmarks                          # the full grid for the device (CPU: + bf16 BERT-base 1x16 and 8x128, full and uniform)
     python -m benchmarks --impl fastbert-torch,hf-eager --workload minilm --shapes 8x128 --fills skewed
     python -m benchmarks --kernels --device cuda  # each op against its PyTorch equivalent
@@ -61,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float,
                    help="seconds of timed rounds per measurement (default: CPU 4, --quick 1.5; CUDA 1, --quick 0.5)")
     p.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/cpu-<vendor>-<model> or "
-                   "cuda-<gpu>, named after this machine's CPU or GPU)")
+                   "cuda-<gpu>, named after this machine's CPU or GPU; --quick: the same folder under "
+                   "benchmarks/results/local/, which git ignores)")
     p.add_argument("--name", help="run name, the JSON's file name in --out (default: full, quick, or partial when "
                    "--impl/--workload/--dtype/--shapes/--fills narrow the run)")
     p.add_argument("--kernels", action="store_true", help="run the op microbenchmarks instead (benchmarks.kernels)")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         impls=args.impl or runner.default_impls(device, quick),
         workloads=args.workload or tuple(default_workloads),
         dtypes=tuple(getattr(torch, d) for d in (args.dtype or runner.DTYPES[device.type])),
-        out=args.out or runner.RESULTS / runner.device_folder(device),
+        out=args.out or (runner.LOCAL_RESULTS if quick else runner.RESULTS) / runner.device_folder(device),
         run_name=args.name or ("partial" if restricted else "quick" if quick else "full"),
         shapes=args.shapes,
         fills=args.fills or (QUICK_FILLS if quick else FILLS),

@@ -23,8 +23,9 @@ measurement taken on a busy machine. Every record names the machine (CPU vendor,
 flags, see :func:`environment`) and the measured choices made so far in this process
 (``choices``: table -> key -> option, e.g. the CPU GEMM library per shape, see
 :mod:`fastbert.tuning`; the run's header has them with their sources and timings). Records go
-to ``<out>/<run>.json``, by default in a folder
-named after the CPU or GPU (:func:`device_folder`); ``python -m benchmarks.report <out>``
+to ``<out>/<run>.json``, by default in a folder named after the CPU or GPU
+(:func:`device_folder`; for a ``--quick`` run that folder lies under ``LOCAL_RESULTS``, which
+git ignores); ``python -m benchmarks.report <out>``
 renders the markdown summary and the plot.
 """
 
@@ -54,6 +55,9 @@ from benchmarks.workloads import FILLS, WORKLOADS, make_inputs, shapes_for
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+# Where --quick writes by default: a check of this machine, not a result to commit (git ignores it),
+# so that running it leaves the committed results and the tests on them as they were.
+LOCAL_RESULTS = RESULTS / "local"
 TOLERANCE_FACTOR = 4.0
 FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}
@@ -245,7 +249,7 @@ class Runner:
     # ------------------------------------------------------------------------------ the loops
     def run(self) -> list[dict]:
         _progress(f"fastbert benchmarks ({self.o.run_name}) on {self.env['device_name']}, "
-                  f"{self.env['num_threads']} threads, commit {self.env['commit']}")
+                  f"{self.env['num_threads']} threads, commit {self.env['commit']}; writing {_shown(self.path)}")
         if self.o.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference is true fp32
         # no_grad, as users run inference (HF's docs); models are built inside it too.
@@ -407,11 +411,15 @@ class Runner:
                   f"(fill {common['mean_fill']:.2f}) [{seconds:.0f}s]: " + " | ".join(cells))
 
     # ------------------------------------------------------------------------------ output
+    @property
+    def path(self) -> Path:
+        return self.o.out / f"{self.o.run_name}.json"
+
     def write(self, finished: bool) -> Path:
         """Write the records so far; the runner calls this after every measurement, so an
         interrupted run keeps what it measured (``finished`` is then null in the file)."""
         self.o.out.mkdir(parents=True, exist_ok=True)
-        path = self.o.out / f"{self.o.run_name}.json"
+        path = self.path
         options = {"quick": self.o.quick, "impls": list(self.o.impls), "workloads": list(self.o.workloads),
                    "dtypes": [str(d).removeprefix("torch.") for d in self.o.dtypes], "fills": list(self.o.fills),
                    "shapes": self.o.shapes and [list(s) for s in self.o.shapes], "budget_s": self.o.budget_s,
@@ -438,11 +446,16 @@ def _error(out: torch.Tensor, valid: torch.Tensor, expected: torch.Tensor) -> fl
     return float((got - expected).abs().max()) if got.numel() else 0.0
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the checkout when it lies inside it."""
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 def main(options: Options) -> list[dict]:
     runner = Runner(options)
     runner.run()
     path = runner.write(finished=True)
     print(report.run_table(runner.records))
-    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    shown = _shown(path)
     _progress(f"wrote {shown}; render the summary and plot with: python -m benchmarks.report {shown.parent}")
     return runner.records

@@ -221,6 +221,10 @@ class Batch:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a [batch, seq] tensor, got {shape}")
+        if input_ids.shape[1] == 0:
+            # Nothing to encode and no first token to pool; HF's own forward fails here too (a reshape error).
+            raise ValueError(f"input_ids has sequence length 0 (shape {tuple(input_ids.shape)}); "
+                             "every sequence needs at least one token")
         if view.token_type_embeddings is None:
             token_type_ids = None  # a family without token types ignores them, as its HF forward does
         for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask),
@@ -387,7 +391,7 @@ def encode(
     if batch.position_ids is not None:
         positions = k.unpad(batch.position_ids.contiguous(), packing.indices)
     elif view.padding_idx is None:
-        positions = packing.indices % max(batch.seqlen, 1)
+        positions = packing.indices % batch.seqlen
     else:
         positions = k.unpad(positions_from_ids(input_ids, view.padding_idx), packing.indices)
     if batch.token_type_ids is None:
@@ -404,7 +408,7 @@ def encode(
     relative = None
     if view.relative_bias is not None:  # the table over key - query distance, and each row's original column
         table = view.relative_bias.traced() if tracing or grad else view.relative_bias.get()
-        relative = table, (packing.indices % max(batch.seqlen, 1)).to(torch.int32)
+        relative = table, (packing.indices % batch.seqlen).to(torch.int32)
     states = [h] if output_hidden_states else None
     for n, layer in enumerate(view.layers):
         # In training the fused Q/K/V weight is built in the graph, so Q, K and V get their gradients.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastbert import Bert, BertConfig
+from fastbert import Bert, BertConfig, encoder
 
 CONFIG = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                     intermediate_size=40, max_position_embeddings=16, type_vocab_size=2)
@@ -59,6 +59,17 @@ def test_float_input_ids(model):
 def test_input_ids_must_be_2d(model):
     with pytest.raises(ValueError, match=r"input_ids must be a \[batch, seq\] tensor"):
         model(ids()[0])
+
+
+def test_empty_sequences_are_named_and_an_empty_batch_is_empty(model):
+    # HF's own forward fails on [B, 0] with a reshape error; there is no first token to pool.
+    with pytest.raises(ValueError, match=r"input_ids has sequence length 0 \(shape \(2, 0\)\)"):
+        model(ids(seqlen=0))
+    with pytest.raises(ValueError, match="input_ids has sequence length 0"):
+        encoder.encode(model, ids(seqlen=0), output_hidden_states=True)
+    # No sequences at all, each of some length, is well defined: empty outputs of the right shapes.
+    hidden, pooled = model(ids(batch=0))
+    assert hidden.shape == (0, 6, CONFIG.hidden_size) and pooled.shape == (0, CONFIG.hidden_size)
 
 
 def test_tensors_on_another_device(model):

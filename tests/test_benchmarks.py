@@ -21,6 +21,9 @@ from benchmarks import __main__ as cli
 from benchmarks import kernels, peers, report, runner, timing, workloads
 from benchmarks.peers import PEERS, Peer, Unavailable, nested_encoder
 
+# Slow, out of the fast loop (pytest -m "not slow"): the benchmark runner, with Inductor compiles.
+pytestmark = pytest.mark.slow
+
 RECORD_KEYS = {
     "impl", "status", "reason", "workload", "device", "device_name", "dtype", "batch", "seq_len", "fill", "mean_fill",
     "tokens", "median_ms", "p20_ms", "p80_ms", "reps", "first_call_ms", "tokens_per_s", "speedup_vs_hf_sdpa",
@@ -110,11 +113,14 @@ def test_workload_that_cannot_load_is_reported(tmp_path, monkeypatch):
     assert {r["status"] for r in records if r["workload"] == "tiny"} == {"ok"}  # the run goes on
 
 
-def test_end_to_end_json_and_report(tmp_path):
+def test_end_to_end_json_and_report(tmp_path, capsys):
     impls = "fastbert-torch,fastbert-cpp,fastbert-cpp-gemm-panels,fastbert-triton,hf-eager,nested-tensor"
     status = cli.main(["--device", "cpu", "--workload", "tiny", "--impl", impls, "--shapes", "2x16,3x33",
                        "--fills", "full,uniform", "--budget", "0", "--out", str(tmp_path)])
     assert status == 0
+    progress = capsys.readouterr().err  # where the run writes, said when it starts and when it ends
+    assert f"writing {tmp_path / 'partial.json'}" in progress.splitlines()[0]
+    assert f"wrote {tmp_path / 'partial.json'}" in progress
     document = json.loads((tmp_path / "partial.json").read_text())
     records = document["records"]
     assert document["run"]["finished"] and not list(tmp_path.glob("*.tmp"))
@@ -362,13 +368,46 @@ def test_results_of_different_cpus_go_to_different_folders(monkeypatch):
     assert chosen[0].out == runner.RESULTS / folder
 
 
+def _git(*args: str) -> subprocess.CompletedProcess | None:
+    """``git *args`` in the results folder; None outside a git checkout or without git."""
+    try:
+        done = subprocess.run(["git", *args], cwd=RESULTS, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        return None
+    return None if done.returncode == 128 else done  # 128: not a git repository
+
+
+def _committed_cpu_results() -> dict[Path, list[Path]]:
+    """The committed CPU results by folder: the files git tracks, so that a local run's output
+    (a new machine's folder, a JSON without its summary yet) is not taken for one; outside a git
+    checkout, every file on disk."""
+    listed = _git("ls-files", "-z", "--", "cpu-*")
+    files = [RESULTS / p for p in listed.stdout.split("\0") if p] if listed else list(RESULTS.glob("cpu-*/*"))
+    folders: dict[Path, list[Path]] = {}
+    for path in sorted(files):
+        folders.setdefault(path.parent, []).append(path)
+    return folders
+
+
+def test_quick_run_writes_where_git_ignores_it(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(runner, "main", lambda options: chosen.append(options) or [])
+    assert cli.main(["--device", "cpu", "--quick"]) == 0
+    out = chosen[0].out
+    assert out == runner.LOCAL_RESULTS / runner.device_folder(torch.device("cpu")) and chosen[0].run_name == "quick"
+    ignored = _git("check-ignore", "-q", str(out / "quick.json"))
+    if ignored is None:
+        pytest.skip("not a git checkout: what git ignores cannot be asked")
+    assert ignored.returncode == 0, f"git does not ignore {out}: a quick run would leave an uncommitted result"
+
+
 def test_committed_cpu_results_sit_in_the_folder_their_records_name():
     assert not (RESULTS / "cpu").exists()
-    folders = sorted(RESULTS.glob("cpu-*"))
-    assert folders
-    for folder in folders:
-        documents = sorted(folder.glob("*.json"))
-        assert documents and (folder / "summary.md").exists(), folder
+    committed = _committed_cpu_results()
+    assert committed
+    for folder, files in committed.items():
+        documents = [path for path in files if path.suffix == ".json"]
+        assert documents and folder / "summary.md" in files, folder
         for path in documents:
             document = json.loads(path.read_text())
             run = document.get("run", document)  # host-overhead.json keeps the machine at its top

@@ -12,6 +12,9 @@ import torch
 
 import fastbert
 
+# Slow, out of the fast loop (pytest -m "not slow"): torch.compile (Inductor) compiles.
+pytestmark = pytest.mark.slow
+
 transformers = pytest.importorskip("transformers")
 
 

@@ -25,7 +25,9 @@ def _nvcc() -> str | None:
 
 
 NVCC = _nvcc()
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+# Slow, out of the fast loop (pytest -m "not slow"): nvcc compiles every .cu for sm_80 and sm_90.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")]
 
 _FUNCTION = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")

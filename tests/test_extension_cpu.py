@@ -14,6 +14,10 @@ from fastbert import backends, reference
 from relative_bias import bad_arguments, columns_with_holes, table
 from tolerance import assert_within_rule
 
+# Slow, out of the fast loop (pytest -m "not slow"):
+# every C++ CPU kernel over the full grid of shapes and dtypes (minutes).
+pytestmark = pytest.mark.slow
+
 if os.environ.get("FASTBERT_SKIP_EXT") == "1":
     pytest.skip("FASTBERT_SKIP_EXT=1: fastbert._C not built", allow_module_level=True)
 

@@ -20,6 +20,9 @@ import pytest
 
 from benchmarks import gpu_check
 
+# Slow, out of the fast loop (pytest -m "not slow"): dry runs of the GPU script.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = {

@@ -167,6 +167,14 @@ def test_all_padding_row_does_not_poison_others():
     assert torch.all(out.last_hidden_state[1] == 0)
 
 
+@pytest.mark.parametrize("output_hidden_states", [False, True])
+def test_empty_sequences_are_named(output_hidden_states):
+    # HF's own forward fails on [B, 0] (a reshape error in its attention); ours says what is wrong.
+    _, fast_model = make_pair("BertModel", hf_config())
+    with pytest.raises(ValueError, match=r"input_ids has sequence length 0 \(shape \(2, 0\)\)"):
+        fast_model(torch.zeros(2, 0, dtype=torch.long), output_hidden_states=output_hidden_states)
+
+
 def test_unoptimize_restores_original_forward():
     model = transformers.BertModel(hf_config()).eval()
     ids = torch.randint(0, 99, (2, 6))

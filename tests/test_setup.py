@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Slow, out of the fast loop (pytest -m "not slow"): runs setup.py.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

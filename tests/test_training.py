@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 import os
 
@@ -21,6 +22,11 @@ import pytest
 import torch
 
 import fastbert
+import workers
+
+# Slow, out of the fast loop (pytest -m "not slow"):
+# 20-step fine-tuning against HF per head, the example script, DDP in two processes (minutes).
+pytestmark = pytest.mark.slow
 
 transformers = pytest.importorskip("transformers")
 
@@ -279,11 +285,17 @@ def test_compiled_forward_and_backward_equal_eager():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+# Each rank's rendezvous and collectives give up after this long: a rank whose peer died before
+# joining would otherwise wait for it for torch's default, 30 minutes.
+DDP_TIMEOUT = datetime.timedelta(seconds=90)
+
+
+def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # two processes on a small machine
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init = f"file://{os.path.join(out_dir, 'init')}"  # a new, empty file per run, as the file rendezvous needs
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=DDP_TIMEOUT)
     torch.manual_seed(0)
     model = fastbert.optimize(transformers.BertForSequenceClassification(bert_config()).train(), backend="cpp")
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -296,20 +308,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ddp_gloo_equals_one_process_on_the_full_batch(tmp_path):
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    workers = [context.Process(target=_ddp_worker, args=(rank, 2, str(tmp_path / "init"), str(tmp_path)))
-               for rank in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=300)
-    alive = [w for w in workers if w.is_alive()]
-    for w in alive:
-        w.kill()
-    assert not alive, "DDP workers timed out"
-    assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
+    # About 6 s on 2 idle cores; the deadline allows for a loaded machine, and a worker that
+    # fails is reported with its exit code and traceback (tests/workers.py).
+    workers.run(f"{__name__}:_ddp_worker", 2, tmp_path, deadline_s=2 * DDP_TIMEOUT.total_seconds())
 
     torch.manual_seed(0)
     model = fastbert.optimize(transformers.BertForSequenceClassification(bert_config()).train(), backend="cpp")

@@ -13,6 +13,9 @@ import torch
 
 from benchmarks import training
 
+# Slow, out of the fast loop (pytest -m "not slow"): the training benchmark runner.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("transformers")
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
 

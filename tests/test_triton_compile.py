@@ -35,6 +35,9 @@ from fastbert.kernels.layernorm import shipped_configs as layernorm_configs
 from fastbert.kernels.linear_gelu import backward_config as gelu_backward_config
 from fastbert.kernels.linear_gelu import shipped_configs as linear_gelu_configs
 
+# Slow, out of the fast loop (pytest -m "not slow"): compiles every shipped Triton config for sm_80 and sm_90 (minutes).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = (80, 90)
 TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
