@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import math
 import os
 
@@ -304,6 +305,12 @@ def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     half = slice(2 * rank, 2 * rank + 2)
     ddp(input_ids=ids[half], attention_mask=mask[half], labels=labels[half]).loss.backward()
     torch.save(_grads(model), os.path.join(out_dir, f"rank{rank}.pt"))
+    # Tear down in order, both ranks still there: DDP's reducer first, then the group. Freed only
+    # when this function returned, after the group was destroyed and the peer had exited, the
+    # reducer hung a rank now and then (its stack: this call's return, no Python frame below).
+    del ddp
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

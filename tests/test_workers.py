@@ -27,7 +27,7 @@ def test_a_failing_worker_is_reported_and_its_waiting_peer_stopped(tmp_path):
     assert time.monotonic() - start < 60  # not the deadline: one second after rank 0 failed
     report = str(failure.value)
     assert "rank 0: exit code 1\nTraceback" in report and "RuntimeError: rank 0 of 2 fails" in report
-    assert "rank 1: still running, stopped" in report
+    assert "rank 1: still running, stopped\nits stacks when stopped:" in report and "in _wait" in report
 
 
 def test_a_worker_that_cannot_start_is_reported(tmp_path):

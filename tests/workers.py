@@ -9,16 +9,22 @@ it in a collective or in the rendezvous), and fails with every worker's exit cod
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import multiprocessing
 import multiprocessing.connection
+import os
+import signal
 import time
 import traceback
 from pathlib import Path
 
 
 def _record(target: str, error_file: str, args: tuple) -> None:
-    """Call ``target`` ("module:function") with ``args``; on any exception write its traceback to ``error_file``."""
+    """Call ``target`` ("module:function") with ``args``; on any exception write its traceback to
+    ``error_file``; on SIGUSR1 (the parent, before stopping a worker) every thread's stack."""
+    stacks = open(f"{error_file}.stacks", "w")
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
         module, function = target.split(":")
         getattr(importlib.import_module(module), function)(*args)
@@ -57,6 +63,9 @@ def run(target: str, world: int, out_dir: Path, deadline_s: float, grace_s: floa
             deadline = min(deadline, time.monotonic() + grace_s)
     waited = time.monotonic() - start
     for w in running:
+        os.kill(w.pid, signal.SIGUSR1)  # where it is stuck, into its .stacks file
+    time.sleep(1 if running else 0)
+    for w in running:
         w.terminate()
         w.join(5)
         if w.exitcode is None:
@@ -70,4 +79,6 @@ def run(target: str, world: int, out_dir: Path, deadline_s: float, grace_s: floa
         lines.append(f"rank {rank}: {_state(w, w in running)}")
         if errors[rank].exists():
             lines.append(errors[rank].read_text().rstrip())
+        if w in running:
+            lines.append(f"its stacks when stopped:\n{Path(f'{errors[rank]}.stacks').read_text().rstrip()}")
     raise AssertionError("\n".join(lines))
