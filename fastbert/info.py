@@ -18,6 +18,7 @@ plus a floor. It prints pass or FAIL per op and exits 1 on any failure.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import sys
 from typing import Callable
@@ -32,10 +33,14 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def _version(package: str) -> str:
+    """The module's own ``__version__`` (torch's carries the build, e.g. ``+cu130``, which its
+    package metadata may not), else the package metadata's."""
     try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
+        return importlib.import_module(package).__version__
+    except ImportError:
         return "not installed"
+    except AttributeError:
+        return importlib.metadata.version(package)
 
 
 def devices() -> list[torch.device]:

@@ -369,12 +369,16 @@ def test_results_of_different_cpus_go_to_different_folders(monkeypatch):
 
 
 def _git(*args: str) -> subprocess.CompletedProcess | None:
-    """``git *args`` in the results folder; None outside a git checkout or without git."""
+    """``git *args`` in the results folder; None without git or outside a checkout of this project
+    (a copy of it inside another checkout's ignored folder, as CI's second venv makes, is none)."""
     try:
-        done = subprocess.run(["git", *args], cwd=RESULTS, capture_output=True, text=True, timeout=60)
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=RESULTS, capture_output=True, text=True,
+                             timeout=60)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != RESULTS.parents[1].resolve():
+            return None
+        return subprocess.run(["git", *args], cwd=RESULTS, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
         return None
-    return None if done.returncode == 128 else done  # 128: not a git repository
 
 
 def _committed_cpu_results() -> dict[Path, list[Path]]:
