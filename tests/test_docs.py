@@ -9,7 +9,7 @@ Each check reads the documents as text and looks every name up in the code:
   point's ``main`` with ``parse_args`` replaced, so nothing runs); an ``--option`` written alone
   must be an option of the entry points its paragraph names (of any entry point, or of a
   command line written in the docs, when it names none); options on a ``bash X.sh`` command line
-  must appear in that script;
+  must appear in that script; the test files given to ``python -m pytest`` exist;
 - every relative link resolves to a file, and its ``#anchor`` to a heading of that file;
 - every path of the checkout written in backticks (``fastbert/x.py``, ``tests/x.py``; a top
   folder alone is not checked) exists, unless git ignores it;
@@ -149,6 +149,9 @@ def is_own(module: str) -> bool:
 def command_line_problems(text: str) -> list[str]:
     problems = []
     for module, args in COMMAND.findall(text):
+        if module == "pytest":  # the test files and folders it is given
+            problems += [f"python -m pytest: no {arg}" for arg in args.split()
+                         if re.fullmatch(r"tests/[\w./-]*(?:::\w+)?", arg) and not (ROOT / arg.split("::")[0]).exists()]
         if not is_own(module):
             continue
         options = entry_point_options(module)
@@ -321,6 +324,8 @@ def test_each_check_flags_a_wrong_name(sources, tmp_path):
         "python -m fastbert.no_such_module: no module fastbert.no_such_module"]
     assert command_line_problems("`python -m benchmarks --quick --no-such-option`") == [
         "python -m benchmarks: no option --no-such-option"]
+    assert command_line_problems("`python -m pytest -q tests/test_no_such_file.py`") == [
+        "python -m pytest: no tests/test_no_such_file.py"]
     assert command_line_problems("`bash benchmarks/gpu_check.sh --no-such-option tests DIR`") == [
         "bash benchmarks/gpu_check.sh: no option --no-such-option"]
     assert len(lone_option_problems("`python -m fastbert.info` takes `--no-such-option`", set())) == 1
