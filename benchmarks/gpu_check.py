@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_check info [--dry-run]
     python -m benchmarks.gpu_check installed [--require-cuda]
+    python -m benchmarks.gpu_check ninja
     python -m benchmarks.gpu_check files CALL
     python -m benchmarks.gpu_check summary CALL RESULTS_DIR STATE_DIR [--dry-run]
 
@@ -11,7 +12,7 @@ the script left in STATE_DIR (``steps.tsv``: name, status, exit code, seconds, l
 tab-separated; ``NAME.tail``: the last lines of each step that did not succeed; ``before.txt``:
 what RESULTS_DIR held before the call) and the call's result files, prints the summary (step
 status and duration, the tails of the failed steps, then the headline numbers: test counts and
-failures; per op, fastbert against PyTorch and the best tile of the sweep; per model
+failures; per op, fastbert against PyTorch, and each measured choice (a Triton tile, a CPU GEMM library) with its candidates' times; per model
 measurement, the speedups over HF SDPA) and writes it as ``summary-CALL.txt`` and
 ``summary-CALL.json``. It also counts the files the call left at the top of RESULTS_DIR: a GPU
 call brings back at most :data:`MAX_FILES`. Exit status 1 when a step did not succeed or the
@@ -34,10 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_FILES = 8
-CALLS = ("tests", "kernels", "models")
+CALLS = ("essentials", "tests", "kernels", "models")
 # The result files each call writes at the top of RESULTS_DIR, besides summary-CALL.{txt,json}
 # and logs-CALL.tar.gz; gpu_check.sh's steps write them under these names.
 RESULT_FILES = {
+    "essentials": ("tests-junit.xml", "kernels.json", "models.json"),
     "tests": ("tests-junit.xml", "tests.log"),
     "kernels": ("kernels-float16.json", "kernels-bfloat16.json", "training.json"),
     "models": ("host-overhead.json", "models-grid.json", "models-bf16.json", "models-report.md"),
@@ -96,11 +98,27 @@ def installed(require_cuda: bool) -> int:
     except ImportError as exc:
         print(f"extension: not built ({exc})")
         return 1 if require_cuda else 0
-    print(f"extension {ext._C.__file__}: WITH_CUDA={ext.WITH_CUDA} CPU_ISA={ext.CPU_ISA} CUDA_OPS={ext.CUDA_OPS}")
+    built = Path(ext._C.__file__).resolve()
+    print(f"extension {built}: WITH_CUDA={ext.WITH_CUDA} CPU_ISA={ext.CPU_ISA} CUDA_OPS={ext.CUDA_OPS}")
+    if not built.is_relative_to(ROOT):
+        print(f"the extension is not this checkout's build (it is loaded from {built})")
+        return 1
     if require_cuda and not ext.WITH_CUDA:
         print("the extension was built without CUDA")
         return 1
     return 0
+
+
+def ninja() -> int:
+    """0 when torch's extension builder finds ninja (parallel compiles); 1, saying so, when not."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if is_ninja_available():
+        print(f"ninja: {shutil.which('ninja') or 'found by torch'}")
+        return 0
+    print("ninja: NOT FOUND; the extension's translation units build one by one (slow). "
+          "Install the ninja wheel (carry it to machines without a network).")
+    return 1
 
 
 # ----------------------------------------------------------------------------- headlines
@@ -143,9 +161,23 @@ def tests_headline(results: Path) -> tuple[list[str], dict]:
     return lines, {**counts, "seconds": seconds, "failed": failed, "skip_reasons": dict(skips.most_common(10))}
 
 
-def kernels_headline(results: Path) -> tuple[list[str], dict]:
+def choices_lines(choices: dict[str, dict]) -> list[str]:
+    """One line per measured decision (a Triton kernel's tile, a CPU GEMM library): the key, the
+    choice and where it came from, and every candidate's median in microseconds."""
+    lines = []
+    for table, entries in choices.items():
+        for key, entry in entries.items():
+            medians = entry.get("medians_s") or {}
+            timed = ", ".join(f"{option} {seconds * 1e6:.1f} us" for option, seconds in medians.items())
+            lines.append(f"  choice {table} [{key}]: {entry['choice']} ({entry['source']})" + (f"; {timed}" if timed else ""))
+    return lines
+
+
+def ops_headline(results: Path, names: tuple[str, ...]) -> tuple[list[str], dict]:
+    """The op microbenchmark records ``names`` (benchmarks.kernels JSON): per case, fastbert
+    against the eager peer, and the measured choices."""
     lines, data = [], {}
-    for name in ("kernels-float16.json", "kernels-bfloat16.json"):
+    for name in names:
         record = _load_json(results / name)
         if record is None:
             lines.append(f"{name}: missing or not JSON")
@@ -162,9 +194,8 @@ def kernels_headline(results: Path) -> tuple[list[str], dict]:
         summary = []
         for (op, shape), rows in cases.items():
             timed = [r for r in rows if "median_ms" in r]
-            # Neither sweep tiles "(...)" nor variants of the call "[...]" (a feature switched off)
-            shipped = [r for r in timed if r["impl"].startswith("fastbert") and not {"(", "["} & set(r["impl"])]
-            tiles = [r for r in timed if r["impl"].startswith("fastbert triton (")]
+            # Not the variants of the call "[...]" (a feature switched off)
+            shipped = [r for r in timed if r["impl"].startswith("fastbert") and "[" not in r["impl"]]
             eager = [r for r in timed if not r["impl"].startswith("fastbert")]
             cells = [f"{r['impl'].removeprefix('fastbert ')} {r['median_ms']:.3f} ms ({r['fraction_of_floor']:.0%} of floor)"
                      for r in shipped]
@@ -177,18 +208,25 @@ def kernels_headline(results: Path) -> tuple[list[str], dict]:
                 if best:
                     entry["speedup_vs_eager"] = first["median_ms"] / best["median_ms"]
                     cells.append(f"best fastbert {entry['speedup_vs_eager']:.2f}x eager")
-            if tiles:
-                tile = min(tiles, key=lambda r: r["median_ms"])
-                entry["best_tile"] = {"impl": tile["impl"], "median_ms": tile["median_ms"]}
-                cells.append(f"best tile {tile['impl'].removeprefix('fastbert triton ')} {tile['median_ms']:.3f} ms")
+            rates = [f"{r['impl'].removeprefix('fastbert ')} {r['tflop_per_s']:.1f} TFLOP/s" for r in shipped
+                     if "tflop_per_s" in r]
+            if rates:
+                cells.append(", ".join(rates))
             errors = [f"{r['impl']}: {r['error']}" for r in rows if "error" in r]
             if errors:
                 entry["errors"] = errors
                 cells += [f"FAILED {e}" for e in errors]
             summary.append(entry)
             lines.append(f"  {op} {shape}: " + " | ".join(cells))
+        choices = record.get("choices", {})
+        lines += choices_lines(choices)
         data[name] = {"dtype": record.get("dtype"), "finished": record.get("finished"), "ceilings": c,
-                      "cases": summary}
+                      "cases": summary, "choices": choices}
+    return lines, data
+
+
+def kernels_headline(results: Path) -> tuple[list[str], dict]:
+    lines, data = ops_headline(results, ("kernels-float16.json", "kernels-bfloat16.json"))
     training = _load_json(results / "training.json")
     data["training.json"] = training and [
         {k: r.get(k) for k in ("workload", "dtype", "batch", "seq_len", "real_fill", "impl", "median_ms", "speedup")}
@@ -201,22 +239,13 @@ def kernels_headline(results: Path) -> tuple[list[str], dict]:
     return lines, data
 
 
-def models_headline(results: Path) -> tuple[list[str], dict]:
+def runs_headline(results: Path, names: tuple[str, ...]) -> tuple[list[str], dict]:
+    """The model benchmark runs ``names`` (python -m benchmarks JSON): their table of speedups
+    and the measured choices."""
     from benchmarks import report
 
     lines, data = [], {}
-    host = _load_json(results / "host-overhead.json")
-    data["host-overhead.json"] = host
-    if host is None:
-        lines.append("host-overhead.json: missing or not JSON")
-    else:
-        tiny, stubbed = host["tiny_model"], host["bert_base_stubbed"]
-        lines.append(f"host overhead: tiny model fastbert/HF SDPA {tiny['ratio']:.2f} "
-                     f"({tiny['fastbert_us']:.0f} / {tiny['hf_sdpa_us']:.0f} us); "
-                     f"BERT-base with kernels stubbed {stubbed['fastbert_host_us']:.0f} us")
-    for name in RESULT_FILES["models"]:
-        if not name.startswith("models-") or not name.endswith(".json"):
-            continue
+    for name in names:
         document = _load_json(results / name)
         if document is None:
             lines.append(f"{name}: missing or not JSON")
@@ -233,12 +262,39 @@ def models_headline(results: Path) -> tuple[list[str], dict]:
                 for r in records if r["status"] in ("ok", "wrong")]
         missing = [{k: r[k] for k in ("workload", "dtype", "impl", "status", "reason")}
                    for r in records if r["status"] not in ("ok", "wrong")]
+        choices = run.get("choices", {})
+        lines += choices_lines(choices)
         data[name] = {"finished": run.get("finished"), "statuses": dict(statuses), "measured": rows,
-                      "not_measured": missing}
+                      "not_measured": missing, "choices": choices}
     return lines, data
 
 
-HEADLINES = {"tests": tests_headline, "kernels": kernels_headline, "models": models_headline}
+def models_headline(results: Path) -> tuple[list[str], dict]:
+    lines, data = [], {}
+    host = _load_json(results / "host-overhead.json")
+    data["host-overhead.json"] = host
+    if host is None:
+        lines.append("host-overhead.json: missing or not JSON")
+    else:
+        tiny, stubbed = host["tiny_model"], host["bert_base_stubbed"]
+        lines.append(f"host overhead: tiny model fastbert/HF SDPA {tiny['ratio']:.2f} "
+                     f"({tiny['fastbert_us']:.0f} / {tiny['hf_sdpa_us']:.0f} us); "
+                     f"BERT-base with kernels stubbed {stubbed['fastbert_host_us']:.0f} us")
+    runs = tuple(n for n in RESULT_FILES["models"] if n.startswith("models-") and n.endswith(".json"))
+    more_lines, more_data = runs_headline(results, runs)
+    return lines + more_lines, {**data, **more_data}
+
+
+def essentials_headline(results: Path) -> tuple[list[str], dict]:
+    lines, data = [], {}
+    for part in (tests_headline(results), ops_headline(results, ("kernels.json",)),
+                 runs_headline(results, ("models.json",))):
+        lines += part[0]
+        data.update(part[1])
+    return lines, data
+
+
+HEADLINES = {"essentials": essentials_headline, "tests": tests_headline, "kernels": kernels_headline, "models": models_headline}
 
 
 # ----------------------------------------------------------------------------- summary
@@ -304,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true")
     p = sub.add_parser("installed")
     p.add_argument("--require-cuda", action="store_true")
+    sub.add_parser("ninja")
     p = sub.add_parser("files")
     p.add_argument("call", choices=CALLS)
     p = sub.add_parser("summary")
@@ -316,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         return info(args.dry_run)
     if args.command == "installed":
         return installed(args.require_cuda)
+    if args.command == "ninja":
+        return ninja()
     if args.command == "files":
         print("\n".join(files_of(args.call)))
         return 0

@@ -1,29 +1,43 @@
 #!/usr/bin/env bash
-# The GPU checks of fastbert, in three calls sized for GPU time that comes in slots of at most
-# 10 minutes, each bringing back at most 8 files:
+# The GPU checks of fastbert, sized for GPU time that comes once per task, 15 minutes in all
+# (machine start included) and at most 10 minutes a command. Run `essentials` first: one call
+# of at most 8 minutes on a fresh machine that brings back what matters most. The other calls
+# are optional follow-ups, each standalone, for when time is left:
 #
-#   bash benchmarks/gpu_check.sh tests   RESULTS_DIR   # install (CUDA extension for sm_90) + the test suite on CUDA
-#   bash benchmarks/gpu_check.sh kernels RESULTS_DIR   # op microbenchmarks (fp16 with the tile sweep, bf16), training steps
-#   bash benchmarks/gpu_check.sh models  RESULTS_DIR   # model benchmarks on a grid that fits one call
+#   bash benchmarks/gpu_check.sh essentials RESULTS_DIR   # <= 8 min: install, correctness subset, headline numbers, tile choices
+#   bash benchmarks/gpu_check.sh tests      RESULTS_DIR   # install + the whole test suite on CUDA
+#   bash benchmarks/gpu_check.sh kernels    RESULTS_DIR   # op microbenchmarks (fp16, bf16), training steps
+#   bash benchmarks/gpu_check.sh models     RESULTS_DIR   # model benchmarks on a grid that fits one call
 #
 #   bash benchmarks/gpu_check.sh --dry-run CALL RESULTS_DIR   # (or DRY_RUN=1) every step of CALL on the CPU
 #
-# Each call runs in at most GPU_CHECK_BUDGET_S seconds (default 540: 9 minutes): every step runs
-# under `timeout` with its own cap, cut to what is left of the budget (SIGINT first, so pytest and
-# the benchmarks keep what they have, SIGKILL 15 s later); a step that finds less than 10 s left
-# is skipped. The run goes on after a failing step. Each call ends with its summary (step status
-# and duration, then the headline numbers), on the console and in RESULTS_DIR/summary-CALL.txt
-# and .json, and exits non-zero if a step did not succeed or it wrote more than 8 files.
+# `essentials`: install (with a check that ninja is there: without it the extension's
+# translation units build one by one); `python -m fastbert.info --check` (every op of every GPU
+# backend against the reference in fp16 and bf16 on awkward shapes); the GPU tests of the ops,
+# the Triton model, the host path's sync-debug and CUDA-graph tests; the attention op at head
+# dim 64, sequence 512 and BERT-base's FFN GEMM (achieved TFLOP/s, and each kernel's measured
+# tile choice with every candidate's time); BERT-base fp16 at 32x128 full and uniform (~50 %)
+# fill and at 1x16, fastbert with and without CUDA graphs against HF SDPA and HF SDPA replayed
+# from a CUDA graph.
+#
+# Each call runs in at most GPU_CHECK_BUDGET_S seconds (default 480 for essentials, 540 for
+# the others): every step runs under `timeout` with its own cap, cut to what is left of the
+# budget (SIGINT first, so pytest and the benchmarks keep what they have, SIGKILL 15 s later);
+# a step that finds less than 10 s left is skipped. The run goes on after a failing step. Each
+# call ends with its summary (step status and duration, then the headline numbers), on the
+# console and in RESULTS_DIR/summary-CALL.txt and .json, and exits non-zero if a step did not
+# succeed or it wrote more than 8 files.
 #
 # What each call writes at the top of RESULTS_DIR (the logs of every step go in the tarball):
-#   tests    summary-tests.{txt,json}, tests-junit.xml, tests.log, logs-tests.tar.gz
-#   kernels  summary-kernels.{txt,json}, kernels-float16.json, kernels-bfloat16.json, training.json,
-#            logs-kernels.tar.gz
-#   models   summary-models.{txt,json}, host-overhead.json, models-grid.json, models-bf16.json, models-report.md,
-#            logs-models.tar.gz
+#   essentials  summary-essentials.{txt,json}, tests-junit.xml, kernels.json, models.json, logs-essentials.tar.gz
+#   tests       summary-tests.{txt,json}, tests-junit.xml, tests.log, logs-tests.tar.gz
+#   kernels     summary-kernels.{txt,json}, kernels-float16.json, kernels-bfloat16.json, training.json,
+#               logs-kernels.tar.gz
+#   models      summary-models.{txt,json}, host-overhead.json, models-grid.json, models-bf16.json, models-report.md,
+#               logs-models.tar.gz
 #
-# The calls are independent: `tests` always installs (pip install -e is idempotent); `kernels`
-# and `models` install only when fastbert with a CUDA-built extension does not import from this
+# `essentials` and `tests` always install (pip install -e is idempotent); `kernels` and
+# `models` install only when fastbert with a CUDA-built extension does not import from this
 # checkout (a fresh machine). The interpreter is $PYTHON (default python3). The dry run forces
 # the CPU (CUDA_VISIBLE_DEVICES=""), does not install (it checks that fastbert imports from the
 # checkout), and shrinks each step: two quick test functions; the op benchmarks at one tiny
@@ -33,7 +47,7 @@
 set -u
 
 usage() {
-    echo "usage: bash benchmarks/gpu_check.sh [--dry-run] tests|kernels|models RESULTS_DIR" >&2
+    echo "usage: bash benchmarks/gpu_check.sh [--dry-run] essentials|tests|kernels|models RESULTS_DIR" >&2
     exit 2
 }
 DRY_RUN=${DRY_RUN:-0}
@@ -44,13 +58,13 @@ if [ "${1:-}" = --dry-run ]; then
 fi
 [ $# -eq 2 ] || usage
 CALL=$1
-case "$CALL" in tests | kernels | models) ;; *) usage ;; esac
+case "$CALL" in essentials | tests | kernels | models) ;; *) usage ;; esac
 mkdir -p "$2" || exit 2
 RESULTS=$(cd "$2" && pwd)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 
-BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$([ "$CALL" = essentials ] && echo 480 || echo 540)}
 STEP_LIMIT_S=${GPU_CHECK_STEP_LIMIT_S:-}  # caps every step (to try the time guard)
 RESERVE_S=30   # kept back from the budget for SIGKILL's grace, the tarball and the summary
 KILL_AFTER_S=15
@@ -137,8 +151,11 @@ info_step() {
 }
 
 # The editable install builds fastbert._C (CPU and CUDA kernels for sm_90). If pip cannot
-# install, the extension is built in place instead, so that the later steps still run.
+# install, the extension is built in place instead, so that the later steps still run. The
+# ninja check comes first: without ninja the build runs its translation units one by one,
+# which can take longer than the install's cap (the build still runs; the summary says why).
 install_steps() {
+    step ninja 20 "$PYTHON" -m benchmarks.gpu_check ninja
     if [ "$DRY_RUN" = 1 ]; then
         step install 120 "$PYTHON" -m benchmarks.gpu_check installed
         return
@@ -182,7 +199,7 @@ run_kernels() {
     fi
     local training=(--workload bert-base --dtype float16,bfloat16 --shapes 32x128 --fills 0.5,full --budget 5)
     [ "$DRY_RUN" = 1 ] && training=(--workload minilm --dtype float32 --shapes 2x16 --fills 0.5 --budget 0)
-    step kernels-float16 270 "$PYTHON" -m benchmarks.kernels "${common[@]}" --dtype float16 --sweep \
+    step kernels-float16 270 "$PYTHON" -m benchmarks.kernels "${common[@]}" --dtype float16 \
         --out "$RESULTS/kernels-float16.json"
     step kernels-bfloat16 150 "$PYTHON" -m benchmarks.kernels "${common[@]}" --dtype bfloat16 \
         --out "$RESULTS/kernels-bfloat16.json"
@@ -224,9 +241,41 @@ run_models() {
     fi
 }
 
+# essentials: the correctness subset, then the headline numbers (see the header).
+run_essentials() {
+    local xdist=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+    step check 90 "$PYTHON" -m fastbert.info --check
+    local selection=(tests/test_ops.py tests/test_triton_kernels.py tests/test_triton_training.py
+                     tests/test_triton_model.py tests/test_host_path.py -k "cuda or graph or sync")
+    if [ "$DRY_RUN" = 1 ]; then
+        selection=(tests/test_benchmarks.py -k "fills_are_seeded or interleaved_rounds")
+    fi
+    step tests 120 "$PYTHON" -m pytest "${selection[@]}" -q -ra -p no:cacheprovider --durations=10 \
+        --junitxml="$RESULTS/tests-junit.xml" "${xdist[@]}"
+    local kernels=(--device "$DEVICE" --dtype float16 --rounds 30)
+    local models=(--impl fastbert-triton,fastbert-triton-graphs,hf-sdpa --workload bert-base --dtype float16
+                  --shapes 32x128,1x16 --fills full,uniform --budget 0.3)
+    if [ "$DRY_RUN" = 1 ]; then  # fp32 and the C++ backend: what measures choices and runs on a CPU
+        kernels=(--device cpu --dtype float32 --tiny --rounds 3)
+        models=(--impl fastbert-cpp,hf-sdpa --workload tiny --dtype float32 --shapes 2x16 --fills full,uniform
+                --budget 0)
+    fi
+    # (The dry run's Triton kernels run in the interpreter for this step only: with it on, the
+    # models step would run fastbert-triton on the CPU at the interpreter's pace.)
+    TRITON_INTERPRET=$DRY_RUN step kernels 60 "$PYTHON" -m benchmarks.kernels "${kernels[@]}" \
+        --ops attention,linear_gelu --out "$RESULTS/kernels.json"
+    step models 150 "$PYTHON" -m benchmarks --device "$DEVICE" "${models[@]}" --name models --out "$LOGS/models"
+    [ -f "$LOGS/models/models.json" ] && cp "$LOGS/models/models.json" "$RESULTS/models.json"
+}
+
 echo "=== gpu_check.sh $CALL$([ "$DRY_RUN" = 1 ] && echo ' (dry run on CPU)'): results in $RESULTS, at most ${BUDGET_S}s"
 info_step
 case "$CALL" in
+    essentials)
+        install_steps
+        run_essentials
+        ;;
     tests)
         install_steps
         run_tests

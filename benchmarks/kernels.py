@@ -17,6 +17,11 @@ A case may also time variants of the fused call in the same rounds, reported as 
 BACKEND [LABEL]``: the attention case with a relative-position table times the same call
 without it, so the ratio of the two medians is the table's cost.
 
+The first call of each fused implementation makes its measured choices (fastbert.tuning): the
+Triton launch configuration of each kernel on a GPU (see fastbert.kernels.launch), the CPU GEMM
+library on a CPU. The record keeps them under ``choices``, with every candidate's median, so a
+run on a new GPU shows which tiles win there.
+
 A backend is timed only on the ops it implements on the device (the extension has no CUDA
 attention kernel, for one). A candidate that raises is recorded with its error and left out of
 the timing; the others go on. With ``--out`` the JSON is rewritten after every case (``finished``
@@ -27,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import math
 import os
@@ -41,22 +45,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import interleaved
-from fastbert import backends
-from fastbert.kernels.attention import Config as AttentionConfig
-from fastbert.kernels.linear_gelu import Config as LinearGeluConfig
+from fastbert import backends, tuning
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-# --sweep: launch configurations tried beside the shipped heuristic's choice, so that one GPU run
-# shows which tile shapes to ship. (block_m, block_n[, block_k, group_m], num_warps, num_stages)
-SWEEP = {
-    "attention": [AttentionConfig(128, 64, 8, 3), AttentionConfig(128, 64, 4, 3), AttentionConfig(128, 128, 8, 2),
-                  AttentionConfig(64, 64, 4, 3), AttentionConfig(128, 32, 8, 2), AttentionConfig(64, 32, 4, 2)],
-    "linear_gelu": [LinearGeluConfig(128, 128, 64, 8, 8, 3), LinearGeluConfig(128, 256, 64, 8, 8, 3),
-                    LinearGeluConfig(256, 128, 64, 8, 8, 3), LinearGeluConfig(128, 128, 64, 8, 4, 4),
-                    LinearGeluConfig(64, 256, 64, 8, 4, 4), LinearGeluConfig(128, 64, 64, 8, 4, 4)],
-}
-
 
 # ----------------------------------------------------------------------------- timing
 
@@ -260,20 +251,6 @@ def available_backends(op: str, device: str) -> dict[str, Callable]:
     return found
 
 
-def _sweep_candidates(case: Case, impl: Callable) -> dict[str, Callable[[], object]]:
-    """The triton implementation at each sweep configuration that runs here (others are skipped)."""
-    found = {}
-    for cfg in SWEEP.get(case.op, []):
-        call = case.fused(functools.partial(impl, launch=cfg))
-        try:
-            call()
-        except Exception as exc:  # a tile that does not fit this GPU: report and go on
-            print(f"# sweep: {case.op} {cfg} does not run here: {type(exc).__name__}: {exc}", flush=True)
-            continue
-        found[f"fastbert triton {tuple(cfg)}"] = call
-    return found
-
-
 def _error(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
@@ -293,20 +270,22 @@ def _working(candidates: dict[str, Callable[[], object]], case: Case, rows: list
     return working
 
 
-def run(device: str, dtype: torch.dtype, rounds: int, sweep: bool = False, tiny: bool = False,
+def run(device: str, dtype: torch.dtype, rounds: int, tiny: bool = False, ops: tuple[str, ...] | None = None,
         progress: Callable[[dict], None] | None = None) -> dict:
-    """Time every case; ``progress`` (if given) gets the partial record after every case."""
+    """Time every case (of ``ops``, if given); ``progress`` (if given) gets the partial record
+    after every case. The record's ``choices`` are the decisions the fused calls measured on
+    their first use (:func:`fastbert.tuning.decisions`)."""
     ceilings = measure_ceilings(device, dtype, rounds, tiny)
     rows: list[dict] = []
-    record = {"ceilings": ceilings, "results": rows}
+    record = {"ceilings": ceilings, "results": rows, "choices": {}}
     for case in cases(device, dtype, tiny):
+        if ops is not None and case.op not in ops:
+            continue
         floor_s = max(case.flops / ceilings["matmul_flop_per_s"], case.bytes / ceilings["copy_bytes_per_s"])
         implementations = available_backends(case.op, device)
         candidates = {f"fastbert {name}": case.fused(impl) for name, impl in implementations.items()}
         for label, variant in case.variants.items():
             candidates.update({f"fastbert {name} [{label}]": variant(impl) for name, impl in implementations.items()})
-        if sweep and "triton" in implementations:
-            candidates.update(_sweep_candidates(case, implementations["triton"]))
         candidates.update(case.eager)
         candidates = _working(candidates, case, rows)
         medians = time_interleaved(candidates, device, rounds) if candidates else {}
@@ -325,6 +304,7 @@ def run(device: str, dtype: torch.dtype, rounds: int, sweep: bool = False, tiny:
             rate = f"{row['tflop_per_s']:8.3f} TFLOP/s" if case.flops else f"{row['gb_per_s']:8.1f} GB/s   "
             print(f"{case.op:<14} {case.shape:<26} {name:<44} {row['median_ms']:9.3f} ms {rate} "
                   f"{row['fraction_of_floor']:6.1%} of floor", flush=True)
+        record["choices"] = tuning.decisions()
         if progress:
             progress(record)
     return record
@@ -348,8 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--rounds", type=int, default=None, help="timed calls per candidate (default 50 cuda, 10 cpu)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also time the triton kernels at each launch configuration in SWEEP")
+    parser.add_argument("--ops", default=None, help="comma-separated ops to time (default: all)")
     parser.add_argument("--tiny", action="store_true",
                         help="one tiny case per op and small ceilings: checks that everything runs, measures nothing")
     args = parser.parse_args(argv)
@@ -357,16 +336,19 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--device cuda but no CUDA device is available")
     dtype = DTYPES[args.dtype or ("float16" if args.device == "cuda" else "float32")]
     rounds = args.rounds or (50 if args.device == "cuda" else 10)
+    ops = None if args.ops is None else tuple(args.ops.split(","))
+    if ops is not None and set(ops) - set(backends.OPS):
+        parser.error(f"--ops: unknown {sorted(set(ops) - set(backends.OPS))}; the ops are {backends.OPS}")
     header = {
         "device": _device_name(args.device), "device_type": args.device, "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": _triton_version(), "rounds": rounds, "sweep": args.sweep,
+        "torch": torch.__version__, "triton": _triton_version(), "rounds": rounds,
         "tiny": args.tiny, "finished": None,
     }
     print(f"# {header['device']} {header['dtype']} torch {header['torch']} triton {header['triton']}", flush=True)
     progress = (lambda partial: _write(args.out, {**header, **partial})) if args.out else None
     with torch.inference_mode():
-        record = {**header, **run(args.device, dtype, rounds, args.sweep, args.tiny, progress)}
+        record = {**header, **run(args.device, dtype, rounds, args.tiny, ops, progress)}
     record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     c = record["ceilings"]
     print(f"# ceilings: copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul {c['matmul_flop_per_s'] / 1e12:.2f} TFLOP/s")

@@ -7,7 +7,7 @@ wins at few rows; on an AMD EPYC Zen 5 MKL's fp32 GEMM runs at about 45 % of one
 panel GEMM wins at every row count (benchmarks/NOTES.md). No fixed rule suits every CPU, so
 (``auto``, the default) each GEMM's library is measured on first use of its key: the op
 (``linear``, or ``linear_gelu`` timed with its bias and GELU), dtype, output and input widths
-N and K, and the row count rounded up to a power of two (:func:`row_bucket`).
+N and K, and the row count rounded up to a power of two (:func:`fastbert.tuning.bucket`).
 The candidates (:func:`candidates`), in order of preference on a near-tie:
 
 - ``aten``: ``F.linear`` (MKL), any dtype;
@@ -100,11 +100,6 @@ def candidates(dtype: torch.dtype, panel_width_fits: bool) -> tuple[str, ...]:
     return tuple(library for library in runs if AVAILABLE[library])
 
 
-def row_bucket(rows: int) -> int:
-    """The power of two at or above ``rows``: GEMMs in one bucket share a measured choice."""
-    return 1 << max(rows - 1, 0).bit_length()
-
-
 def library(x: torch.Tensor, weight: torch.Tensor, op: str = "linear",
             trial: Callable[[str], object] | None = None) -> str:
     """Which library runs ``x [rows, K] @ weight.T`` (module docstring): ATEN, ONEDNN, MKL or PANELS.
@@ -119,7 +114,7 @@ def library(x: torch.Tensor, weight: torch.Tensor, op: str = "linear",
     options = candidates(x.dtype, PANELS_AVAILABLE and N % PANEL_WIDTH == 0)
     if _pinned is not None:
         return _pinned if _pinned in options else ATEN
-    key = (op, x.dtype, N, K, row_bucket(len(x)))
+    key = (op, x.dtype, N, K, tuning.bucket(len(x)))
     return TABLE.choose(key, options, trial or functools.partial(run, x=x, weight=weight, bias=None),
                         functools.partial(_drop_losers, weight))
 

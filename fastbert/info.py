@@ -8,7 +8,8 @@ It prints the machine (CPU vendor, model name as lscpu gives it, ISA flags; the 
 compute capability), the torch, Triton and transformers versions, the extension build (its
 ISA, CUDA or not, which ops have kernels), each backend and why any is unavailable, the cache of
 measured choices and the choices made so far (:mod:`fastbert.tuning`). ``--check`` runs every op
-each available backend implements on this device (the inference ops, and the training forwards
+each available backend implements on this device, in fp32 on a CPU and in fp16 and bf16 on a
+GPU (the inference ops, and the training forwards
 without dropout and the backwards), on small awkward shapes (sequence lengths 1, 7 and 70, head
 dim 40, hidden sizes that are not powers of two), against the float64 reference: an op passes
 when each output's error is at most twice that of the reference computed in the same dtype,
@@ -181,18 +182,22 @@ def check_op(function: Callable, reference: Callable, args64: tuple, dtype: torc
     return passed, "; ".join(details)
 
 
+# The dtypes --check runs each op in: fp32 on a CPU, the two half-precision types on a GPU.
+CHECKED_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float16, torch.bfloat16)}
+
+
 def check() -> bool:
     """Every op of every available backend on every device here; prints one line per op."""
     ok = True
     for device in devices():
-        dtype = torch.float32 if device.type == "cpu" else torch.float16
         for name in backends.BACKENDS:
             try:
                 module = backends.load(name, device.type)
             except backends.BackendUnavailable as exc:
                 print(f"check {device.type} {name}: skipped ({exc})")
                 continue
-            for op, arg_sets in cases(device, dtype).items():
+            for dtype, op, arg_sets in ((dtype, op, arg_sets) for dtype in CHECKED_DTYPES[device.type]
+                                        for op, arg_sets in cases(device, dtype).items()):
                 if not backends._implements(module, op, device.type, dtype):
                     continue
                 function = backends.implementation(op, name, device.type)

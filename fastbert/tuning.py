@@ -103,6 +103,11 @@ def pick(medians: dict[str, float], options: Sequence[str], margin: float = MARG
     return next(o for o in options if medians[o] <= fastest * (1 + margin))
 
 
+def bucket(n: int) -> int:
+    """The power of two at or above ``n`` (1 for 0): sizes in one bucket share a decision."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _text(key: tuple) -> str:
     return "|".join(str(part).removeprefix("torch.") for part in key)
 

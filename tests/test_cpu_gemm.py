@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbert
-from fastbert import cpu_gemm
+from fastbert import cpu_gemm, tuning
 from tolerance import assert_within_rule
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.ONEDNN_AVAILABLE, reason="this torch has no oneDNN linear")
@@ -128,7 +128,7 @@ def test_candidates_and_what_runs_on_aten(choice):
     assert cpu_gemm.PANELS not in cpu_gemm.candidates(torch.float32, False)
     assert cpu_gemm.candidates(torch.bfloat16, True) == (cpu_gemm.ATEN, *[cpu_gemm.ONEDNN] * cpu_gemm.ONEDNN_AVAILABLE)
     assert cpu_gemm.candidates(torch.float16, True) == (cpu_gemm.ATEN,)
-    assert [cpu_gemm.row_bucket(r) for r in (0, 1, 2, 3, 16, 17, 512, 600)] == [1, 1, 2, 4, 16, 32, 512, 1024]
+    assert [tuning.bucket(r) for r in (0, 1, 2, 3, 16, 17, 512, 600)] == [1, 1, 2, 4, 16, 32, 512, 1024]
     w, x = torch.randn(768, 768), torch.randn(16, 768)
     with torch.enable_grad():
         assert cpu_gemm.library(x, w) == cpu_gemm.ATEN  # autograd must see the GEMM

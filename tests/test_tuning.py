@@ -191,3 +191,105 @@ def test_triton_tables_run_one_config_in_the_interpreter(cache, monkeypatch):
     chosen, clock, _ = choose({"a": 2.0, "b": 1.0}, triton=True)
     assert chosen == "a" and clock.calls == []
     assert choose({"a": 2.0, "b": 1.0}, key=("cpu table",))[0] == "b"  # CPU tables still measure
+
+
+# ----------------------------------------------------------------------------- Triton tiles
+#
+# The launchers measure among their candidate configurations on a GPU. Here the kernels run in
+# the interpreter with the GPU seams patched (the architecture, the interpreter check that
+# would skip measuring), a fake clock advanced by each candidate's run, and two candidates
+# whose second is the faster: the launch must measure both, keep the second, give the
+# reference's result, and the next launch of the key must neither ask for candidates nor time.
+
+import importlib  # noqa: E402
+
+from fastbert import _compat, reference  # noqa: E402
+from fastbert.kernels import launch as triton_launch  # noqa: E402
+
+# The modules, not the op functions that fastbert.kernels exports under the same names.
+triton_attention = importlib.import_module("fastbert.kernels.attention")
+triton_linear_gelu = importlib.import_module("fastbert.kernels.linear_gelu")
+
+
+def _attention_args(causal=True):
+    lengths = [5, 17]
+    q, k, v = (torch.randn(sum(lengths), 2, 32) for _ in range(3))
+    cu = torch.tensor([0, 5, 22], dtype=torch.int32)
+    return q, k, v, cu, max(lengths), 32**-0.5, causal, None
+
+
+def _forward_case():
+    args = _attention_args()
+    return (triton_attention, "attention", lambda: triton_attention.attention(*args),
+            lambda: reference.attention(*args),
+            (80, 32, torch.float32, True, False, False, False, 32),
+            [triton_attention.Config(16, 16, 1, 1), triton_attention.Config(32, 16, 1, 1)], "config_candidates")
+
+
+def _backward_case():
+    args = _attention_args()
+    q, k, v, cu, S, scale, causal, bias = args
+    out, lse = reference.attention_train(q, k, v, cu, S, scale, causal, bias, None, None, 0.0, None)
+    grad = torch.randn_like(out)
+    call = (grad, q, k, v, out, lse, cu, S, scale, causal, bias, None, None, 0.0, None)
+    small = triton_attention.Config(16, 16, 1, 1)
+    return (triton_attention, "attention_backward", lambda: triton_attention.attention_backward(*call)[0],
+            lambda: reference.attention_backward(*call)[0],
+            (80, 32, torch.float32, True, False, False, False, 32),
+            [triton_attention.BackwardConfig(small, small),
+             triton_attention.BackwardConfig(triton_attention.Config(16, 32, 1, 1), small)],
+            "backward_config_candidates")
+
+
+def _linear_gelu_case():
+    x, w, b = torch.randn(20, 48), torch.randn(40, 48), torch.randn(40)
+    return (triton_linear_gelu, "linear_gelu", lambda: triton_linear_gelu.linear_gelu(x, w, b, "none"),
+            lambda: reference.linear_gelu(x, w, b, "none"),
+            (80, torch.float32, 40, 48, 32, "none", False),
+            [triton_linear_gelu.Config(16, 32, 16, 2, 1, 1), triton_linear_gelu.Config(32, 32, 16, 2, 1, 1)],
+            "config_candidates")
+
+
+@pytest.mark.parametrize("case", [_forward_case, _backward_case, _linear_gelu_case],
+                         ids=["attention", "attention_backward", "linear_gelu"])
+def test_triton_launches_measure_their_candidates_and_keep_the_fastest(cache, monkeypatch, case):
+    module, kernel, call, expected, key, candidates, candidates_name = case()
+    clock = Clock({triton_launch.label(c): cost for c, cost in zip(candidates, (2.0, 1.0))}
+                  | {triton_linear_gelu.CUBLAS: 3.0})
+    asked = []
+    monkeypatch.setattr(module, candidates_name, lambda *a: asked.append(a) or tuple(candidates))
+    monkeypatch.setattr(module, "gpu_arch", lambda device: 80)
+    monkeypatch.setattr(_compat, "interpreting", lambda: False)  # Triton itself still interprets
+    monkeypatch.setattr(triton_launch, "_CHOSEN", {})
+    monkeypatch.setitem(triton_launch._TABLES, kernel,
+                        tuning.Table(f"triton_{kernel}", triton=True, timer=clock))  # (no GPU to fingerprint)
+    real_tile, chosen = module.tile, []
+
+    def timed_tile(kernel_, key_, tensor, candidates_, run):
+        assert (kernel_, key_) == (kernel, key)
+        chosen.append(real_tile(kernel_, key_, tensor, candidates_,
+                                lambda option: (clock.run(triton_launch.label(option)), run(option))))
+        return chosen[-1]
+
+    monkeypatch.setattr(module, "tile", timed_tile)
+    got = call()
+    entry = tuning.decisions()[f"triton_{kernel}"]
+    (text, decided), = entry.items()
+    assert decided["source"] == "measured" and decided["choice"] == triton_launch.label(candidates[1])
+    assert set(decided["medians_s"]) == set(clock.costs) if kernel == "linear_gelu" else set(decided["medians_s"]) \
+        == {triton_launch.label(c) for c in candidates}
+    want = expected()
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    calls, asked_before = len(clock.calls), len(asked)
+    assert torch.allclose(call(), want, atol=1e-5, rtol=1e-5)
+    assert (len(clock.calls), len(asked)) == (calls, asked_before)  # the second launch only looks it up
+    assert chosen == [candidates[1]] * 2
+
+
+def test_under_the_interpreter_a_launch_runs_its_interpreter_config_untimed(cache, monkeypatch):
+    monkeypatch.setattr(triton_launch, "_CHOSEN", {})
+    monkeypatch.setattr(triton_launch, "tile", lambda *a: pytest.fail("no measured choice under the interpreter"))
+    monkeypatch.setattr(triton_attention, "tile", triton_launch.tile)
+    args = _attention_args()
+    assert torch.allclose(triton_attention.attention(*args), reference.attention(*args), atol=1e-5, rtol=1e-5)
+    assert "triton_attention" not in tuning.decisions()

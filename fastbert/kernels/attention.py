@@ -43,7 +43,6 @@ programs in a fixed order.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -51,8 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert import _compat, reference
-from fastbert.kernels.launch import on_device_of
+from fastbert import _compat, reference, tuning
+from fastbert.kernels.launch import gpu_arch, on_device_of, tile
 
 LOG2E = math.log2(math.e)
 # Any head dim up to the last works; these are the ones the tests compile and run.
@@ -717,6 +716,13 @@ def config(head_dim: int, dtype: torch.dtype, interpreting: bool = False, arch: 
 ARCHS = (80, 90)
 
 
+def config_candidates(head_dim: int, dtype: torch.dtype, arch: int, masked: bool, rel_bias: bool,
+                      train: bool) -> tuple[Config, ...]:
+    """The forward configurations a launch may measure (see :mod:`fastbert.kernels.launch`),
+    :func:`config`'s first."""
+    return (config(head_dim, dtype, arch=arch, masked=masked, rel_bias=rel_bias, train=train),)
+
+
 def shipped_train_configs() -> list[tuple[int, torch.dtype, int, bool, Config]]:
     """(head_dim, dtype, arch, rel_bias, config) for every case the training forward serves on a GPU."""
     return [(d, dt, arch, rel, config(d, dt, arch=arch, rel_bias=rel, train=True)) for d in HEAD_DIMS
@@ -728,12 +734,6 @@ def shipped_configs() -> list[tuple[int, torch.dtype, int, bool, bool, Config]]:
     return [(d, dt, arch, masked, rel, config(d, dt, arch=arch, masked=masked, rel_bias=rel)) for d in HEAD_DIMS
             for dt in (torch.float16, torch.bfloat16, torch.float32) for arch in ARCHS
             for masked, rel in ((False, False), (True, False), (True, True))]
-
-
-@functools.cache
-def _arch(device: torch.device) -> int:
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
 
 
 def _check_inputs(q, k, v, cu_seqlens, rel_bias, positions):
@@ -779,22 +779,33 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, pos
     if T == 0 or batch == 0 or max_seqlen == 0:
         return out.zero_()
     dropout = dropout_p > 0
-    cfg = launch or config(head_dim, q.dtype, _compat.interpreting(), _arch(q.device) if q.is_cuda else 80,
-                           masked=causal or bias is not None or rel_bias is not None or lse is not None,
-                           rel_bias=rel_bias is not None, train=lse is not None)
     bias_args, rel_args = _extra_args(q, cu_seqlens, max_seqlen, bias, rel_bias, positions)
-    grid = (triton.cdiv(max_seqlen, cfg.block_m), heads, batch)
-    with on_device_of(q):
-        _attention_fwd[grid](
-            q, k, v, out, bias_args[0], rel_args[0], rel_args[1], cu_seqlens,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            *bias_args[1:], *rel_args[2:],
-            scale * LOG2E, q if lse is None else lse, seed if dropout else cu_seqlens, T, float(dropout_p),
-            HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, HAS_BIAS=bias is not None, REL_BIAS=rel_bias is not None,
-            STORE_LSE=lse is not None, DROPOUT=dropout,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+
+    def run(cfg: Config) -> None:
+        grid = (triton.cdiv(max_seqlen, cfg.block_m), heads, batch)
+        with on_device_of(q):
+            _attention_fwd[grid](
+                q, k, v, out, bias_args[0], rel_args[0], rel_args[1], cu_seqlens,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+                out.stride(1), *bias_args[1:], *rel_args[2:],
+                scale * LOG2E, q if lse is None else lse, seed if dropout else cu_seqlens, T, float(dropout_p),
+                HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                CAUSAL=causal, HAS_BIAS=bias is not None, REL_BIAS=rel_bias is not None,
+                STORE_LSE=lse is not None, DROPOUT=dropout,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+
+    if launch is None:
+        masked, train = causal or bias is not None or rel_bias is not None or lse is not None, lse is not None
+        if _compat.interpreting():
+            launch = config(head_dim, q.dtype, True)
+        else:
+            arch = gpu_arch(q.device)
+            key = (arch, head_dim, q.dtype, causal, bias is not None, rel_bias is not None, dropout,
+                   tuning.bucket(max_seqlen))
+            launch = tile("attention_train" if train else "attention", key, q,
+                          lambda: config_candidates(head_dim, q.dtype, arch, masked, rel_bias is not None, train), run)
+    run(launch)
     return out
 
 
@@ -815,7 +826,8 @@ def attention(
     """softmax(q kᵀ · scale + rel + bias, causal) v; see :func:`fastbert.reference.attention`.
 
     ``out`` (optional, ``[T, N, D]`` with a contiguous head dim) receives the result; ``launch``
-    overrides the configuration :func:`config` picks.
+    overrides the configuration measured among :func:`config_candidates` (see
+    :mod:`fastbert.kernels.launch`).
     """
     return _forward(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, out, launch,
                     None, 0.0, None)
@@ -883,6 +895,11 @@ def backward_config(head_dim: int, dtype: torch.dtype, interpreting: bool = Fals
     return BackwardConfig(Config(16, 32, 8, 1), Config(32, 16, 8, 1))
 
 
+def backward_config_candidates(head_dim: int, dtype: torch.dtype, arch: int) -> tuple[BackwardConfig, ...]:
+    """The backward configurations a launch may measure, :func:`backward_config`'s first."""
+    return (backward_config(head_dim, dtype, arch=arch),)
+
+
 def shipped_backward_configs() -> list[tuple[int, torch.dtype, int, BackwardConfig]]:
     """(head_dim, dtype, arch, config) for every case the backward launcher serves on a GPU."""
     return [(d, dt, arch, backward_config(d, dt, arch=arch)) for d in HEAD_DIMS
@@ -910,7 +927,8 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
     bias's gradient is summed per bucket inside each dQ program and over programs in a fixed
     order. Dummy rows and rows that see no key get zero dq (dummy rows zero dk and dv too).
     ``dqkv`` (optional, contiguous ``[T, 3, N, D]`` in q's dtype) receives the gradients;
-    ``launch`` overrides :func:`backward_config`.
+    ``launch`` overrides the configuration measured among :func:`backward_config_candidates`
+    (see :mod:`fastbert.kernels.launch`).
     """
     reference.check_dropout(dropout_p, seed)
     _check_inputs(q, k, v, cu_seqlens, rel_bias, positions)
@@ -936,7 +954,6 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
         return dqkv.zero_(), d_rel
     dropout = dropout_p > 0
     seed_arg = seed if dropout else cu_seqlens
-    cfg = launch or backward_config(head_dim, q.dtype, _compat.interpreting(), _arch(q.device) if q.is_cuda else 80)
     bias_args, rel_args = _extra_args(q, cu_seqlens, max_seqlen, bias, rel_bias, positions)
     dq, dk, dv = dqkv.unbind(1)
     delta = torch.empty(heads, T, dtype=torch.float32, device=q.device)
@@ -953,25 +970,41 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
             out, grad, delta, dqkv, cu_seqlens, out.stride(0), out.stride(1), grad.stride(0), grad.stride(1),
             dqkv.stride(0), dqkv.stride(1), dqkv.stride(2), T, batch,
             HEAD_DIM=head_dim, BLOCK_D=width_d, BLOCK_M=PREPROCESS_ROWS, num_warps=preprocess_warps(width_d))
+
+    def run(cfg: BackwardConfig) -> torch.Tensor:
+        """The gradient kernels at ``cfg``; returns the relative bias's per-program partial sums."""
         c = cfg.dq
         blocks_m = triton.cdiv(max_seqlen, c.block_m)
-        _attention_bwd_lse[(blocks_m, heads, batch)](
-            q, k, grad, grad2, lse, lse2, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, *strides[:4],
-            grad.stride(0), grad.stride(1), *bias_args[1:], *rel_args[2:], T, scale * LOG2E, BLOCK_M=c.block_m,
-            BLOCK_N=c.block_n, HEAD_DIM=head_dim, BLOCK_D=width_d, CAUSAL=causal, HAS_BIAS=bias is not None,
-            REL_BIAS=rel_bias is not None, num_warps=c.num_warps, num_stages=c.num_stages)
-        partial = (torch.zeros(heads, batch, blocks_m, width, dtype=torch.float32, device=q.device)
-                   if rel_bias is not None else d_rel)
-        _attention_bwd_dq[(blocks_m, heads, batch)](
-            q, k, v, grad2, dq, lse2, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, seed_arg, partial,
-            *strides, *bias_args[1:], *rel_args[2:], T, scale * LOG2E, scale, float(dropout_p),
-            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_W=max(16, triton.next_power_of_2(width)), **flags,
-            num_warps=c.num_warps, num_stages=c.num_stages)
-        c = cfg.dkdv
-        _attention_bwd_dkdv[(triton.cdiv(max_seqlen, c.block_n), heads, batch)](
-            q, k, v, grad2, dk, dv, lse2, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, seed_arg,
-            *strides, *bias_args[1:], *rel_args[2:], T, scale * LOG2E, scale, float(dropout_p),
-            BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, num_warps=c.num_warps, num_stages=c.num_stages)
+        with on_device_of(q):
+            _attention_bwd_lse[(blocks_m, heads, batch)](
+                q, k, grad, grad2, lse, lse2, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, *strides[:4],
+                grad.stride(0), grad.stride(1), *bias_args[1:], *rel_args[2:], T, scale * LOG2E, BLOCK_M=c.block_m,
+                BLOCK_N=c.block_n, HEAD_DIM=head_dim, BLOCK_D=width_d, CAUSAL=causal, HAS_BIAS=bias is not None,
+                REL_BIAS=rel_bias is not None, num_warps=c.num_warps, num_stages=c.num_stages)
+            partial = (torch.zeros(heads, batch, blocks_m, width, dtype=torch.float32, device=q.device)
+                       if rel_bias is not None else d_rel)
+            _attention_bwd_dq[(blocks_m, heads, batch)](
+                q, k, v, grad2, dq, lse2, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, seed_arg, partial,
+                *strides, *bias_args[1:], *rel_args[2:], T, scale * LOG2E, scale, float(dropout_p),
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_W=max(16, triton.next_power_of_2(width)), **flags,
+                num_warps=c.num_warps, num_stages=c.num_stages)
+            c = cfg.dkdv
+            _attention_bwd_dkdv[(triton.cdiv(max_seqlen, c.block_n), heads, batch)](
+                q, k, v, grad2, dk, dv, lse2, delta, bias_args[0], rel_args[0], rel_args[1], cu_seqlens, seed_arg,
+                *strides, *bias_args[1:], *rel_args[2:], T, scale * LOG2E, scale, float(dropout_p),
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, **flags, num_warps=c.num_warps, num_stages=c.num_stages)
+        return partial
+
+    if launch is None:
+        if _compat.interpreting():
+            launch = backward_config(head_dim, q.dtype, True)
+        else:
+            arch = gpu_arch(q.device)
+            key = (arch, head_dim, q.dtype, causal, bias is not None, rel_bias is not None, dropout,
+                   tuning.bucket(max_seqlen))
+            launch = tile("attention_backward", key, q, lambda: backward_config_candidates(head_dim, q.dtype, arch),
+                          run)
+    partial = run(launch)
     if rel_bias is not None:
         d_rel = partial.sum((1, 2))  # a fixed-order reduction over the programs' partial sums
     return dqkv, d_rel

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert import _compat
-from fastbert.kernels.launch import on_device_of
+from fastbert import _compat, tuning
+from fastbert.kernels.launch import gpu_arch, on_device_of, tile
 from fastbert.reference import GELU_APPROXIMATIONS
 
 _SQRT1_2 = tl.constexpr(math.sqrt(0.5))
@@ -115,6 +115,25 @@ def config(M: int, dtype: torch.dtype, interpreting: bool = False) -> Config:
     return Config(128, 128, 64, 8, 8, 3)
 
 
+def config_candidates(M: int, dtype: torch.dtype, arch: int, even_k: bool) -> tuple[Config, ...]:
+    """The configurations a launch may measure (see :mod:`fastbert.kernels.launch`), :func:`config`'s first."""
+    return (config(M, dtype),)
+
+
+# The option measured beside the Triton configurations: cuBLAS's GEMM with the bias, then GELU.
+CUBLAS = "cublas"
+
+
+def _cublas(x2, weight, bias, y2, pre2, approximate) -> None:
+    """y2 = GELU(x2 Wᵀ + b) (pre2 = x2 Wᵀ + b when given) by cuBLAS and one elementwise pass."""
+    if pre2 is None:
+        torch.addmm(bias, x2, weight.t(), out=y2)
+        torch.ops.aten.gelu_(y2, approximate=approximate)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=pre2)
+        torch.ops.aten.gelu.out(pre2, approximate=approximate, out=y2)
+
+
 def shipped_configs() -> list[tuple[torch.dtype, Config]]:
     """(dtype, config) for every configuration the launcher uses on a GPU."""
     return [(dt, config(M, dt)) for dt in (torch.float16, torch.bfloat16) for M in (64, 4096)] + [
@@ -134,7 +153,8 @@ def linear_gelu(
     """GELU(x Wᵀ + b); see :func:`fastbert.reference.linear_gelu`.
 
     ``x`` is ``[..., K]``; ``out`` (optional, ``[..., F]`` with contiguous rows) receives the
-    result; ``launch`` overrides the configuration :func:`config` picks; ``pre`` (optional,
+    result; ``launch`` (a :class:`Config`, or :data:`CUBLAS`) overrides the option measured among
+    :func:`config_candidates` and cuBLAS (see :mod:`fastbert.kernels.launch`); ``pre`` (optional,
     contiguous, shaped like ``out``) also receives the pre-activation x Wᵀ + b.
     """
     if approximate not in GELU_APPROXIMATIONS:
@@ -163,16 +183,30 @@ def linear_gelu(
             pre2.copy_(bias.expand_as(pre2))
         y2.copy_(torch.nn.functional.gelu(bias.float(), approximate=approximate).expand_as(y2))
         return out
-    cfg = launch or config(M, x.dtype, _compat.interpreting())
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    with on_device_of(x2):
-        _linear_gelu[grid](
-            x2, weight, bias, y2, M, N, K, x2.stride(0), weight.stride(0), y2.stride(0),
-            y2 if pre2 is None else pre2,
-            APPROX_TANH=approximate == "tanh", EVEN_K=K % cfg.block_k == 0, STORE_PRE=pre2 is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+
+    def run(cfg: Config | str) -> None:
+        if cfg == CUBLAS:
+            _cublas(x2, weight, bias, y2, pre2, approximate)
+            return
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+        with on_device_of(x2):
+            _linear_gelu[grid](
+                x2, weight, bias, y2, M, N, K, x2.stride(0), weight.stride(0), y2.stride(0),
+                y2 if pre2 is None else pre2,
+                APPROX_TANH=approximate == "tanh", EVEN_K=K % cfg.block_k == 0, STORE_PRE=pre2 is not None,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+
+    if launch is None:
+        if _compat.interpreting():
+            launch = config(M, x.dtype, True)
+        else:
+            arch = gpu_arch(x.device)
+            key = (arch, x.dtype, N, K, tuning.bucket(M), approximate, pre2 is not None)
+            launch = tile("linear_gelu", key, x2,
+                          lambda: (*config_candidates(M, x.dtype, arch, K % 16 == 0), CUBLAS), run)
+    run(launch)
     return out
 
 
