@@ -510,3 +510,21 @@ def test_freezing_peer_folds_the_weights_and_does_not_leak(tmp_path, monkeypatch
         assert by_impl["hf-sdpa-compile-freezing"]["detail"] == (
             "Inductor freezing: 12 linear weights prepacked for oneDNN")
     assert by_impl["hf-sdpa-compile"]["detail"] is None
+
+
+# ------------------------------------------------------------------------------ sentence-transformers encode
+@pytest.mark.slow  # parses the standard library's sources (seconds)
+def test_encode_benchmark_compares_embeddings_and_records_the_machine(tmp_path):
+    from benchmarks import encode
+
+    texts = encode.paragraphs(6)
+    assert texts == encode.paragraphs(6) and len(set(texts)) == 6  # seeded, distinct
+    assert all(len(t) >= encode.MIN_CHARS and ">>>" not in t and "\n" not in t for t in texts)
+    out = tmp_path / "encode.json"
+    assert encode.main(["--device", "cpu", "--paragraphs", "6", "--batch-size", "4", "--rounds", "1",
+                        "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["paragraphs"] == 6 and record["cpu_model"] and record["max_abs_diff"] < 1e-4
+    assert record["speedup"] == pytest.approx(record["median_s"]["hf"] / record["median_s"]["fastbert"])
+    with pytest.raises(SystemExit):
+        encode.main(["--rounds", "0"])
