@@ -16,10 +16,12 @@ def dropout_keep(seed, row_counters, first, BLOCK: tl.constexpr, dropout_p):
     if BLOCK >= 4:
         groups = (row_counters >> 2)[:, None] + (first >> 2) + tl.arange(0, BLOCK // 4)[None, :]
         u0, u1, u2, u3 = tl.rand4x(seed, groups)
-        uniform = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))  # u0, u1, u2, u3, u0, ...
+        # Compared before interleaving, so that the interleave moves masks rather than floats.
+        k0, k1, k2, k3 = u0 > dropout_p, u1 > dropout_p, u2 > dropout_p, u3 > dropout_p
+        keep = tl.interleave(tl.interleave(k0, k2), tl.interleave(k1, k3))  # k0, k1, k2, k3, k0, ...
     else:
         counters = row_counters[:, None] + first + tl.arange(0, BLOCK)[None, :]
         u0, u1, u2, u3 = tl.rand4x(seed, counters >> 2)
         word = counters & 3
-        uniform = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3)))
-    return uniform > dropout_p
+        keep = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3))) > dropout_p
+    return keep
