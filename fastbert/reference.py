@@ -39,10 +39,12 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------- dropout
-# Philox4x32-10 as Triton's tl.rand draws it (triton/language/random.py), reproduced with int64
-# tensor arithmetic on 32-bit halves so it runs on any device: key (seed low, seed high 32 bits),
-# counter (offset low, offset high, 0, 0); the first output word, read as int32 and folded to
-# non-negative (x < 0 -> ~x), times 4.6566127342e-10 in fp32.
+# Philox4x32-10 as Triton's tl.randint4x / tl.rand4x draw it (triton/language/random.py),
+# reproduced with int64 tensor arithmetic on 32-bit halves so it runs on any device: key (seed
+# low, seed high 32 bits), counter (counter low, counter high, 0, 0); each of the four output
+# words read as int32, folded to non-negative (x < 0 -> ~x) and times 4.6566127342e-10 in fp32.
+# One call serves four elements: element counter c takes output word c & 3 of the call at
+# Philox counter c >> 2, so the elements 4g, 4g + 1, 4g + 2, 4g + 3 share the call at g.
 _PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
 _PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
 _LOW32 = 0xFFFFFFFF
@@ -54,33 +56,49 @@ def _mul_wide(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (high_half + (low_half >> 16)) >> 16, (((high_half & 0xFFFF) << 16) + low_half) & _LOW32
 
 
-def philox_uniform(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.rand(seed, offsets)``: fp32 uniforms in [0, 1), one per int64 offset; ``seed`` is int64 ``[1]``."""
+def philox_uniform4(seed: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """``tl.rand4x(seed, counters)`` stacked last: fp32 uniforms in [0, 1), ``[*counters.shape, 4]``,
+    the four of each int64 Philox counter; ``seed`` is int64 ``[1]``."""
     seed = seed.to(torch.int64).reshape(())
     k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
-    c0, c1 = offsets & _LOW32, (offsets >> 32) & _LOW32
-    c2 = c3 = torch.zeros_like(offsets)
+    c0, c1 = counters & _LOW32, (counters >> 32) & _LOW32
+    c2 = c3 = torch.zeros_like(counters)
     for _ in range(10):
         high_b, low_b = _mul_wide(_PHILOX_ROUND[1], c2)
         high_a, low_a = _mul_wide(_PHILOX_ROUND[0], c0)
         c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
         k0, k1 = (k0 + _PHILOX_KEY[0]) & _LOW32, (k1 + _PHILOX_KEY[1]) & _LOW32
-    folded = torch.where(c0 >= 2**31, _LOW32 - c0, c0)  # int32 view, negatives to ~x
-    return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=offsets.device)
+    words = torch.stack((c0, c1, c2, c3), -1)
+    folded = torch.where(words >= 2**31, _LOW32 - words, words)  # int32 view, negatives to ~x
+    return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=counters.device)
+
+
+def philox_uniform(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """fp32 uniforms in [0, 1), one per int64 element counter c >= 0: word c & 3 of the Philox call
+    at counter c >> 2 (``tl.rand4x(seed, c >> 2)[c & 3]``); ``seed`` is int64 ``[1]``."""
+    uniforms = philox_uniform4(seed, offsets >> 2)
+    return uniforms.gather(-1, (offsets & 3).unsqueeze(-1)).squeeze(-1)
 
 
 def dropout_keep(seed: torch.Tensor, offsets: torch.Tensor, p: float) -> torch.Tensor:
-    """Which elements dropout keeps: uniform > p, compared in fp32 (as every kernel does)."""
+    """Which elements dropout keeps: :func:`philox_uniform` of their counters > p, compared in fp32
+    (as every kernel does)."""
     return philox_uniform(seed, offsets) > torch.tensor(p, dtype=torch.float32, device=offsets.device)
 
 
+def row_dropout_counters(rows: int, H: int, device=None) -> torch.Tensor:
+    """The dropout counters of a ``[rows, H]`` LayerNorm tensor: token · round_up(H, 4) + column, so
+    each row's columns start a Philox call (four columns to a call)."""
+    stride = -(-H // 4) * 4
+    return torch.arange(rows, device=device)[:, None] * stride + torch.arange(H, device=device)
+
+
 def _row_dropout(h: torch.Tensor, p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    """Dropout on ``[T, H]`` with the counter token · H + column; identity when p == 0."""
+    """Dropout on ``[T, H]`` at :func:`row_dropout_counters`; identity when p == 0."""
     if p == 0:
         return h
     T, H = h.shape
-    offsets = torch.arange(T, device=h.device)[:, None] * H + torch.arange(H, device=h.device)
-    return h * dropout_keep(seed, offsets, p) / (1.0 - p)
+    return h * dropout_keep(seed, row_dropout_counters(T, H, h.device), p) / (1.0 - p)
 
 
 def check_dropout(p: float, seed: torch.Tensor | None) -> None:
@@ -355,7 +373,7 @@ def _layernorm_backward(grad, h, weight, mean, rstd):
 
 
 def _dropout_factor(shape, device, p: float, seed) -> torch.Tensor | float:
-    """keep / (1 - p) per element of a ``[T, H]`` tensor (counter token · H + column), or 1.0 at p = 0."""
+    """keep / (1 - p) per element of a ``[T, H]`` tensor (at :func:`row_dropout_counters`), or 1.0 at p = 0."""
     return 1.0 if p == 0 else _row_dropout(torch.ones(shape, device=device), p, seed)
 
 
@@ -392,8 +410,8 @@ def add_layernorm_train(x, residual, bias, weight, ln_bias, eps, dropout_p, seed
 
     ``x`` and ``residual`` are ``[T, H]`` or any ``[..., H]``, taken as rows (the tokens);
     mean and rstd are shaped ``x.shape[:-1]``. Dropout keeps element (token, column) as
-    :func:`dropout_keep` says for ``seed`` and the counter token · H + column (kept ones scaled
-    by 1 / (1 - dropout_p)).
+    :func:`dropout_keep` says for ``seed`` and the counter token · round_up(H, 4) + column
+    (:func:`row_dropout_counters`; kept ones scaled by 1 / (1 - dropout_p)).
     """
     check_dropout(dropout_p, seed)
     H = x.shape[-1]
@@ -424,7 +442,8 @@ def _embeddings_sum(input_ids, position_ids, token_type_ids, word, position, tok
 def embed_layernorm_train(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
                           token_type_embeddings, weight, ln_bias, eps, dropout_p, seed, word_padding_idx,
                           position_padding_idx):
-    """dropout(:func:`embed_layernorm`), and the fp32 mean and rstd ``[T]``; counter token · E + column.
+    """dropout(:func:`embed_layernorm`), and the fp32 mean and rstd ``[T]``; counters as
+    :func:`row_dropout_counters` gives them for E columns.
 
     The padding indices (-1: none) only matter to the backward: they are the tables'
     ``nn.Embedding.padding_idx``, whose row gets no gradient.

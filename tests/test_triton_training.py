@@ -17,9 +17,12 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fastbert import reference
 from fastbert.kernels import attention_backward, attention_train
+from fastbert.kernels.dropout import dropout_keep
 from relative_bias import columns_with_holes, table
 from tolerance import FLOOR, assert_within_rule
 
@@ -40,6 +43,32 @@ def _poison(shape, dtype, device) -> torch.Tensor:
 
 def _seed(device, value=0x1234_5678_9ABC) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.int64, device=device)
+
+
+# ----------------------------------------------------------------------------- dropout mask
+
+
+@triton.jit
+def _keep_tile(seed_ptr, rows_ptr, out_ptr, first, p, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    row_counters = tl.load(rows_ptr + tl.arange(0, ROWS))
+    keep = dropout_keep(tl.load(seed_ptr), row_counters, first, BLOCK, p)
+    tl.store(out_ptr + tl.arange(0, ROWS)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :], keep)
+
+
+@pytest.mark.parametrize("seed", [0, 0x1234_5678_9ABC, 2**63 - 1, -1, -(2**63) + 5])
+def test_dropout_keep_is_the_reference_mask(device, seed):
+    """The kernels' mask (four elements to a tl.rand4x call, interleaved back into the tile)
+    against the reference's, element for element: tile widths below, at and above a call's four,
+    row counters in the high word and past 2**32 calls, and tiles starting mid-row."""
+    _runnable(device, torch.float32)
+    seed = _seed(device, seed)
+    rows = torch.tensor([0, 4, 100, 2**32 - 8, 2**32, 7 << 32, 2**34 - 4, 2**62 + 8], device=device)
+    # first: an int32 start column (a key block's, as the kernels pass it)
+    for block, first in ((1, 0), (2, 0), (4, 0), (4, 12), (64, 0), (64, 128), (64, 2**31 - 64)):
+        out = torch.zeros(rows.numel(), block, dtype=torch.bool, device=device)
+        _keep_tile[(1,)](seed, rows, out, first, P, ROWS=rows.numel(), BLOCK=block)
+        counters = rows[:, None] + first + torch.arange(block, device=device)
+        assert torch.equal(out, reference.dropout_keep(seed, counters, P)), (block, first)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -300,8 +329,7 @@ def test_add_layernorm_train_and_backward(device, dtype, rows, hidden, with_bias
     assert_within_rule(rstd / rstd64, torch.ones_like(rstd64), peer[2] / rstd64, floor=FLOOR[dtype])  # relative
     if p:
         # The kernel drops the same elements: where the mask drops, dx is exactly zero.
-        offsets = torch.arange(rows, device=device)[:, None] * hidden + torch.arange(hidden, device=device)
-        keep = reference.dropout_keep(seed, offsets, p)
+        keep = reference.dropout_keep(seed, reference.row_dropout_counters(rows, hidden, device), p)
     grad = torch.randn(rows, hidden, device=device).to(dtype)
     got = add_layernorm_backward(grad, *inputs, mean, rstd, eps, p, seed)
     want = reference.add_layernorm_backward(grad.double(), *as64, mean64, rstd64, eps, p, seed)
@@ -350,7 +378,7 @@ def test_embed_layernorm_train_and_backward(device, dtype, tokens, hidden, p):
     assert_within_rule(mean, mean64, peer[1], floor=FLOOR[dtype])
     assert_within_rule(rstd / rstd64, torch.ones_like(rstd64), peer[2] / rstd64, floor=FLOOR[dtype])
     if p:
-        offsets = torch.arange(tokens, device=device)[:, None] * hidden + torch.arange(hidden, device=device)
+        offsets = reference.row_dropout_counters(tokens, hidden, device)
         assert torch.equal(out != 0, reference.dropout_keep(seed, offsets, p))
     grad = torch.randn(tokens, hidden, device=device).to(dtype)
     got = embed_layernorm_backward(grad, *ids, *params, mean, rstd, eps, p, seed, *pads)

@@ -241,8 +241,8 @@ void attend_queries(const Problem<T>& p, Scratch& w, int64_t b, int64_t h, int64
       const int64_t visible = p.causal ? std::min(keys, q0 + i - k0 + 1) : keys;
       softmax_row(s, width, visible, w.m[i], w.l[i], w.corr[i]);
       if (p.dropout.on()) {  // on P before the division by l: the same as on the normalised P
-        const uint64_t first = dropout_row(h, p.total, start + q0 + i) + k0;
-        for (int64_t j = 0; j < width; j += kVecSize) (Vec::loadu(s + j) * p.dropout.keep(first + j)).store(s + j);
+        DropoutFactors keep(p.dropout, dropout_row(h, p.total, start + q0 + i) + k0);
+        for (int64_t j = 0; j < width; j += kVecSize) (Vec::loadu(s + j) * keep.at(j)).store(s + j);
       }
     }
     // O = O * corr + P V
@@ -616,9 +616,10 @@ void backward_pair(const Backward<T>& p, BackScratch& w, int64_t b, int64_t h) {
         block(q0, rows, k0, keys, [&](int64_t i, float* s, float* dp, int64_t, uint64_t first) {
           const Vec lse(w.lse[q0 + i]), log_l(w.log_l[q0 + i]);
           Vec acc(0.f);
+          DropoutFactors keep(f.dropout, first);
           for (int64_t j = 0; j < width; j += kVecSize) {
             Vec prob = ((Vec::loadu(s + j) - lse) - log_l).exp_u20();
-            if (f.dropout.on()) prob = prob * f.dropout.keep(first + j);
+            if (f.dropout.on()) prob = prob * keep.at(j);
             acc = at::vec::fmadd(prob, Vec::loadu(dp + j), acc);
           }
           w.delta[q0 + i] += sum(acc);
@@ -633,12 +634,13 @@ void backward_pair(const Backward<T>& p, BackScratch& w, int64_t b, int64_t h) {
       block(q0, rows, k0, keys, [&](int64_t i, float* s, float* dp, int64_t visible, uint64_t first) {
         const int64_t qi = q0 + i;
         const Vec lse(w.lse[qi]), log_l(w.log_l[qi]), delta(w.delta[qi]);
+        DropoutFactors keep(f.dropout, first);
         for (int64_t j = 0; j < width; j += kVecSize) {
           // 0 where masked and on rows with lse = inf
           const Vec prob = ((Vec::loadu(s + j) - lse) - log_l).exp_u20();
           Vec dprob = Vec::loadu(dp + j), kept = prob;
           if (f.dropout.on()) {
-            const Vec m = f.dropout.keep(first + j);
+            const Vec m = keep.at(j);
             kept = prob * m;
             dprob = dprob * m;
           }

@@ -43,16 +43,17 @@ inline std::pair<float, float> fill_row(float* h, int64_t H, Pre pre) {
 inline float rstd_of(std::pair<float, float> stats, float eps) { return 1.f / std::sqrt(stats.second + eps); }
 
 // out = (h - mean) * rstd * gamma + beta for one row in fp32; with dropout (counters
-// first, first + 1, ... over the row) on the result.
+// first, first + 1, ... over the row, first a multiple of 4) on the result.
 template <typename T>
 inline void normalize_row(const float* h, std::pair<float, float> stats, const T* gamma,
                           const T* beta, T* out, int64_t H, float eps, const Dropout& dropout = {},
                           uint64_t first = 0) {
   const Vec mean(stats.first), rstd(rstd_of(stats, eps));
+  DropoutFactors keep(dropout, first);
   for_each_vec(H, [&](int64_t j, int64_t n) {
     Vec y = (Vec::loadu(h + j, n) - mean) * rstd;
     y = at::vec::fmadd(y, load(gamma + j, n), load(beta + j, n));
-    if (dropout.on()) y = y * dropout.keep(first + j);
+    if (dropout.on()) y = y * keep.at(j);
     store(y, out + j, n);
   });
 }
@@ -218,11 +219,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_train(
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* xr = xp + row * H;
         const scalar_t* rr = rp + row * H;
-        const uint64_t first = static_cast<uint64_t>(row * H);
+        DropoutFactors keep(dropout, row_dropout_first(row, H));
         const auto stats = fill_row(h.data(), H, [&](int64_t j, int64_t n) {
           Vec s = load(xr + j, n);
           if (pp) s = s + load(pp + j, n);
-          if (dropout.on()) s = s * dropout.keep(first + j);
+          if (dropout.on()) s = s * keep.at(j);
           return s + load(rr + j, n);
         });
         normalize_row(h.data(), stats, gp, bp, op + row * H, H, static_cast<float>(eps));
@@ -276,13 +277,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer
         std::fill(acc, acc + 3 * H, 0.f);
         for (int64_t row = c * kSumRows; row < std::min(rows, (c + 1) * kSumRows); ++row) {
           const scalar_t *xr = xp + row * H, *rr = rp + row * H, *gr = gp + row * H;
-          const uint64_t first = static_cast<uint64_t>(row * H);
+          DropoutFactors factors(dropout, row_dropout_first(row, H));
           const Vec m(mp[row]), r(sp[row]);
           for_each_vec(H, [&](int64_t j, int64_t n) {
             Vec s = load(xr + j, n);
             if (pp) s = s + load(pp + j, n);
             if (dropout.on()) {
-              const Vec k = dropout.keep(first + j);
+              const Vec k = factors.at(j);
               k.store(keep.data() + j, n);
               s = s * k;
             }
@@ -387,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_layernorm_train(
           return load(wr + j, n) + load(tr + j, n) + load(pr + j, n);
         });
         normalize_row(h.data(), stats, gp, bp, op + t * H, H, static_cast<float>(eps), dropout,
-                      static_cast<uint64_t>(t * H));
+                      row_dropout_first(t, H));
         mp[t] = stats.first;
         sp[t] = rstd_of(stats, static_cast<float>(eps));
       }
@@ -437,13 +438,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_lay
           std::fill(acc, acc + 2 * H, 0.f);
           for (int64_t t = c * kSumRows; t < std::min(T, (c + 1) * kSumRows); ++t) {
             const scalar_t *wr = wp + ip[t] * H, *pr = pe + pp[t] * H, *tr = te + tp[t] * H, *gr = gp + t * H;
-            const uint64_t first = static_cast<uint64_t>(t * H);
+            DropoutFactors keep(dropout, row_dropout_first(t, H));
             const Vec m(mp[t]), r(sp[t]);
             for_each_vec(H, [&](int64_t j, int64_t n) {
               const Vec h = load(wr + j, n) + load(tr + j, n) + load(pr + j, n);
               ((h - m) * r).store(xhat.data() + j, n);
               Vec g = load(gr + j, n);
-              if (dropout.on()) g = g * dropout.keep(first + j);
+              if (dropout.on()) g = g * keep.at(j);
               g.store(gy.data() + j, n);
             });
             layernorm_grad_row(xhat.data(), gy.data(), gamma, sp[t], H, dhp + t * H, acc, acc + H);

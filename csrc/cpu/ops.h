@@ -89,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> embed_lay
     const std::optional<at::Tensor>& seed, int64_t word_padding_idx, int64_t position_padding_idx);
 
 // Philox uniforms (philox.h) of int64 `offsets` for an int64 [1] `seed`, as
-// fastbert.reference.philox_uniform: for tests (whole vectors of offsets run the vector code).
+// fastbert.reference.philox_uniform: for tests (runs of kPhiloxDraw consecutive offsets from a
+// multiple of 4 run the vector code).
 at::Tensor philox_uniform(const at::Tensor& seed, const at::Tensor& offsets);
 
 }  // namespace fastbert::cpu

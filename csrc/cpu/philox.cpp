@@ -1,6 +1,6 @@
 // philox_uniform: the Philox stream of philox.h as a tensor op, so the tests can hold it to
-// fastbert.reference.philox_uniform bit for bit (runs of kVecSize consecutive offsets go through
-// the vector code every kernel uses, the rest through the scalar code).
+// fastbert.reference.philox_uniform bit for bit (runs of kPhiloxDraw consecutive counters from a
+// multiple of 4 go through the vector code every kernel uses, the rest through the scalar code).
 #include <ATen/ATen.h>
 
 #include "ops.h"
@@ -21,11 +21,13 @@ at::Tensor philox_uniform(const at::Tensor& seed, const at::Tensor& offsets_in) 
   const int64_t n = offsets.numel();
   int64_t i = 0;
   while (i < n) {
-    bool run = i + kVecSize <= n;
-    for (int64_t j = 1; run && j < kVecSize; ++j) run = o[i + j] == o[i] + j;
+    bool run = i + kPhiloxDraw <= n && o[i] % 4 == 0;
+    for (int64_t j = 1; run && j < kPhiloxDraw; ++j) run = o[i + j] == o[i] + j;
     if (run) {
-      philox.uniforms(o[i]).store(u + i);
-      i += kVecSize;
+      Vec drawn[4];
+      philox.uniforms(o[i], drawn);
+      for (int v = 0; v < 4; ++v) drawn[v].store(u + i + v * kVecSize);
+      i += kPhiloxDraw;
     } else {
       u[i] = philox.uniform(o[i]);
       ++i;

@@ -27,9 +27,9 @@ normaliser of an online softmax, so the ``S x S`` score matrix never exists in m
 
 Training (:func:`attention_train`, :func:`attention_backward`): the same forward kernel with
 two constexpr flags stores the natural-log log-sum-exp (``STORE_LSE``) and drops normalised
-probabilities (``DROPOUT``) with ``tl.rand(seed, ((head * T + packed row) << 32) | key)``, the
-seed read from a one-element int64 tensor in the kernel; with both off it is the inference
-kernel. The backward is FlashAttention-2's: D = rowsum(dO * O) (which also zeroes the dummy
+probabilities (``DROPOUT``) at the counter ``((head * T + packed row) << 32) | key``, four keys
+to a ``tl.rand4x`` call (:func:`fastbert.kernels.dropout.dropout_keep`), the seed read from a
+one-element int64 tensor in the kernel; with both off it is the inference kernel. The backward is FlashAttention-2's: D = rowsum(dO * O) (which also zeroes the dummy
 rows' gradients), a dK/dV kernel per key block walking its sequence's query blocks, a dQ kernel
 per query block walking the key blocks, both recomputing P = exp(s - lse) and the dropout mask,
 with the forward's causal split and biases. Where fp32 lost log l from a row's lse = m + log l
@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from fastbert import _compat, reference, tuning
+from fastbert.kernels.dropout import dropout_keep
 from fastbert.kernels.launch import gpu_arch, on_device_of, tile
 
 LOG2E = math.log2(math.e)
@@ -99,6 +100,10 @@ def _attend_block(
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     s = tl.dot(q, k, input_precision="ieee") * qk_scale
+    if DROPOUT:
+        # Drawn here rather than where it is applied: with the Philox state live next to the
+        # probabilities, the 128 x 64 tiles spilled 52-76 B on sm_90 (head dims 80-128, Triton 3.9).
+        keep_p = dropout_keep(seed, drop_rows, start_n, BLOCK_N, dropout_p)
     if REL_BIAS:
         if MASKED:
             k_pos = tl.load(pos_base + keys, mask=key_ok, other=0)
@@ -125,8 +130,7 @@ def _attend_block(
     p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = tl.rand(seed, drop_rows[:, None] | keys.to(tl.int64)[None, :]) > dropout_p
-        p = tl.where(keep, p, 0.0)
+        p = tl.where(keep_p, p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return acc, l_i, m_new
 
@@ -262,10 +266,10 @@ def _attention_bwd_preprocess(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, k_pos, keys, key_ok, start_m, seq_len, q_base, do_base, lse_base, delta_base, bias_base,
-    rel_base, pos_base, stride_qt, stride_dot, stride_bm, stride_bn, rel_radius, qk_scale, seed, drop_base,
-    dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    dk, dv, k, v, k_pos, start_n, keys, key_ok, start_m, seq_len, q_base, do_base, lse_base, delta_base,
+    bias_base, rel_base, pos_base, stride_qt, stride_dot, stride_bm, stride_bn, rel_radius, qk_scale, seed,
+    drop_base, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, REL_BIAS: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
@@ -311,7 +315,7 @@ def _dkdv_block(
     pt = tl.exp2(st - lse2[None, :])
     dpt = tl.dot(v, tl.trans(do), input_precision="ieee")  # dO V^T, transposed
     if DROPOUT:
-        kept = tl.rand(seed, ((drop_base + rows) << 32)[None, :] | keys.to(tl.int64)[:, None]) > dropout_p
+        kept = tl.trans(dropout_keep(seed, (drop_base + rows) << 32, start_n, BLOCK_N, dropout_p))
         inv_keep = 1.0 / (1.0 - dropout_p)
         dv += tl.dot(tl.where(kept, pt * inv_keep, 0.0).to(do.dtype), do, input_precision="ieee")
         dpt = tl.where(kept, dpt * inv_keep, 0.0)
@@ -392,19 +396,19 @@ def _attention_bwd_dkdv(
         full_end = mid
     for start_m in range(first_m, tl.minimum(mid, seq_len), BLOCK_M):
         dk, dv = _dkdv_block(
-            dk, dv, k, v, k_pos, keys, key_ok, start_m, seq_len, q_base, do_base, lse_base, delta_base, bias_base,
-            rel_base, pos_base, stride_qt, stride_dot, stride_bm, stride_bn, rel_radius, qk_scale, seed, drop_base,
-            dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, HAS_BIAS, REL_BIAS, DROPOUT)
+            dk, dv, k, v, k_pos, start_n, keys, key_ok, start_m, seq_len, q_base, do_base, lse_base, delta_base,
+            bias_base, rel_base, pos_base, stride_qt, stride_dot, stride_bm, stride_bn, rel_radius, qk_scale, seed,
+            drop_base, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_BIAS, REL_BIAS, DROPOUT)
     for start_m in range(mid, full_end, BLOCK_M):
         dk, dv = _dkdv_block(
-            dk, dv, k, v, k_pos, keys, key_ok, start_m, seq_len, q_base, do_base, lse_base, delta_base, bias_base,
-            rel_base, pos_base, stride_qt, stride_dot, stride_bm, stride_bn, rel_radius, qk_scale, seed, drop_base,
-            dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, HAS_BIAS, REL_BIAS, DROPOUT)
+            dk, dv, k, v, k_pos, start_n, keys, key_ok, start_m, seq_len, q_base, do_base, lse_base, delta_base,
+            bias_base, rel_base, pos_base, stride_qt, stride_dot, stride_bm, stride_bn, rel_radius, qk_scale, seed,
+            drop_base, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_BIAS, REL_BIAS, DROPOUT)
     for start_m in range(tl.maximum(mid, full_end), seq_len, BLOCK_M):
         dk, dv = _dkdv_block(
-            dk, dv, k, v, k_pos, keys, key_ok, start_m, seq_len, q_base, do_base, lse_base, delta_base, bias_base,
-            rel_base, pos_base, stride_qt, stride_dot, stride_bm, stride_bn, rel_radius, qk_scale, seed, drop_base,
-            dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, HAS_BIAS, REL_BIAS, DROPOUT)
+            dk, dv, k, v, k_pos, start_n, keys, key_ok, start_m, seq_len, q_base, do_base, lse_base, delta_base,
+            bias_base, rel_base, pos_base, stride_qt, stride_dot, stride_bm, stride_bn, rel_radius, qk_scale, seed,
+            drop_base, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_BIAS, REL_BIAS, DROPOUT)
 
     g_offs = seq_start * stride_gt + head * stride_gh + keys[:, None] * stride_gt + dims[None, :]
     tl.store(dk_ptr + g_offs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=io_mask)
@@ -470,7 +474,7 @@ def _dq_block(
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, vt, input_precision="ieee")
     if DROPOUT:
-        kept = tl.rand(seed, drop_rows[:, None] | keys.to(tl.int64)[None, :]) > dropout_p
+        kept = dropout_keep(seed, drop_rows, start_n, BLOCK_N, dropout_p)
         dp = tl.where(kept, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
@@ -839,7 +843,8 @@ def attention_train(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bi
 
     The same kernel as :func:`attention` also storing the natural-log log-sum-exp (+inf for rows
     that see no key and for dummy rows) and, with ``dropout_p`` > 0, dropping normalised
-    probabilities with ``tl.rand(seed, ((head · T + row) << 32) | key)``. The seed tensor is
+    probabilities at the counter ``((head · T + row) << 32) | key`` (four keys to a Philox call, as
+    :func:`fastbert.reference.dropout_keep` draws them). The seed tensor is
     read by the kernel: a new seed costs no host sync and no recompile. ``out`` and ``lse``
     (optional, contiguous ``[N, T]`` fp32) receive the results; dummy rows of ``out`` are left
     as they are (zeros when it is allocated here: the layers after attention and their

@@ -11,9 +11,10 @@ are batched several to a program so that each program still moves a useful amoun
 
 Training: the same kernels store the fp32 mean and rstd (``STATS``) and apply dropout
 (``DROPOUT``: on x + bias before the residual for add+LN, on the output for embeddings+LN;
-counter token · H + column through ``tl.rand``). The backward kernels recompute the row from
-the inputs and the saved statistics, write the row gradients, and sum the parameter gradients
-per program into a [programs, H] fp32 buffer reduced afterwards in a fixed order.
+counter token · round_up(H, 4) + column, four columns to a ``tl.rand4x`` call). The backward
+kernels recompute the row from the inputs and the saved statistics, write the row gradients,
+and sum the parameter gradients per program into a [programs, H] fp32 buffer reduced afterwards
+in a fixed order.
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ import triton
 import triton.language as tl
 
 from fastbert import _compat, reference
+from fastbert.kernels.dropout import dropout_keep
 from fastbert.kernels.launch import on_device_of
 
 MAX_HIDDEN = 8192
+
+
+@triton.jit
+def _row_dropout_keep(seed, rows, H, BLOCK_H: tl.constexpr, dropout_p):
+    """The keep mask [ROWS, BLOCK_H] of rows ``rows`` (int64 [ROWS, 1]): counters token · round_up(H, 4)
+    + column (:func:`fastbert.reference.row_dropout_counters`), so each row starts a Philox call."""
+    return dropout_keep(seed, tl.reshape(rows, [rows.shape[0]]) * ((H + 3) // 4 * 4), 0, BLOCK_H, dropout_p)
 
 
 @triton.jit
@@ -69,10 +78,10 @@ def _add_layernorm(
     rows = rows.to(tl.int64)[:, None]
     h = tl.load(x_ptr + rows * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        # dropout(x + bias) + residual; counter token * H + column (int64).
+        # dropout(x + bias) + residual
         if HAS_BIAS:
             h += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        keep = tl.rand(tl.load(seed_ptr), rows * H + cols[None, :]) > dropout_p
+        keep = _row_dropout_keep(tl.load(seed_ptr), rows, H, BLOCK_H, dropout_p)
         h = tl.where(keep, h * (1.0 / (1.0 - dropout_p)), 0.0)
         h += tl.load(res_ptr + rows * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
@@ -119,7 +128,7 @@ def _embed_layernorm(
     y, mean, rstd = _layernorm_rows(h, mask, cols, col_ok, w_ptr, b_ptr, H, eps)
     rows = rows.to(tl.int64)[:, None]
     if DROPOUT:
-        keep = tl.rand(tl.load(seed_ptr), rows * H + cols[None, :]) > dropout_p
+        keep = _row_dropout_keep(tl.load(seed_ptr), rows, H, BLOCK_H, dropout_p)
         y = tl.where(keep, y * (1.0 / (1.0 - dropout_p)), 0.0)
     tl.store(y_ptr + rows * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     if STATS:
@@ -187,7 +196,7 @@ def _add_layernorm_bwd(
         if HAS_BIAS:
             h += bias[None, :]
         if DROPOUT:
-            keep = tl.rand(seed, r64 * H + cols[None, :]) > dropout_p
+            keep = _row_dropout_keep(seed, r64, H, BLOCK_H, dropout_p)
             h = tl.where(keep, h * inv_keep, 0.0)
         h += tl.load(res_ptr + r64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(grad_ptr + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -247,7 +256,7 @@ def _embed_layernorm_bwd(
         r64 = rows.to(tl.int64)[:, None]
         dy = tl.load(grad_ptr + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if DROPOUT:
-            keep = tl.rand(seed, r64 * H + cols[None, :]) > dropout_p
+            keep = _row_dropout_keep(seed, r64, H, BLOCK_H, dropout_p)
             dy = tl.where(keep, dy * (1.0 / (1.0 - dropout_p)), 0.0)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
@@ -412,7 +421,8 @@ def _stats(rows: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def add_layernorm_train(x, residual, bias, weight, ln_bias, eps, dropout_p, seed, out=None):
     """(LayerNorm(dropout(x + bias) + residual) · weight + ln_bias, mean, rstd fp32 shaped ``x.shape[:-1]``);
-    see :func:`fastbert.reference.add_layernorm_train` (dropout counter token · H + column)."""
+    see :func:`fastbert.reference.add_layernorm_train` (dropout counters
+    :func:`fastbert.reference.row_dropout_counters`)."""
     reference.check_dropout(dropout_p, seed)
     mean, rstd = _stats(x.shape[:-1], x.device)
     out = add_layernorm(x, residual, bias, weight, ln_bias, eps, out=out, mean=mean, rstd=rstd,
@@ -459,8 +469,8 @@ def embed_layernorm_train(input_ids, position_ids, token_type_ids, word_embeddin
                           token_type_embeddings, weight, ln_bias, eps, dropout_p, seed, word_padding_idx,
                           position_padding_idx, out=None):
     """(dropout(LayerNorm(embeddings)), mean [T], rstd [T] fp32); see
-    :func:`fastbert.reference.embed_layernorm_train` (dropout counter token · E + column; the
-    padding indices only matter to the backward)."""
+    :func:`fastbert.reference.embed_layernorm_train` (dropout counters
+    :func:`fastbert.reference.row_dropout_counters`; the padding indices only matter to the backward)."""
     reference.check_dropout(dropout_p, seed)
     mean, rstd = _stats(input_ids.shape, word_embeddings.device)
     out = embed_layernorm(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
