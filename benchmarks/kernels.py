@@ -17,8 +17,8 @@ A case may also time variants of the fused call in the same rounds, reported as 
 BACKEND [LABEL]``: the attention case with a relative-position table times the same call
 without it, so the ratio of the two medians is the table's cost.
 
-A backend is timed only on the ops it implements on the device (the extension has no CUDA
-attention kernel, for one). A candidate that raises is recorded with its error and left out of
+A backend is timed only on the ops it implements on the device (as fastbert.declarations
+declares them: the extension has no CUDA attention kernel, for one). A candidate that raises is recorded with its error and left out of
 the timing; the others go on. With ``--out`` the JSON is rewritten after every case (``finished``
 is null until the run ends), so a run stopped by a time limit keeps what it measured.
 """
@@ -238,13 +238,6 @@ def cases(device: str, dtype: torch.dtype, tiny: bool = False) -> list[Case]:
     ]
 
 
-def implements(module, op: str, device: str) -> bool:
-    """Whether a backend module has a kernel for ``op`` on ``device`` tensors (a module may say
-    so through ``implements(op, device_type)``, as the extension does: no CUDA attention)."""
-    check = getattr(module, "implements", None)
-    return hasattr(module, op) and (check is None or bool(check(op, device)))
-
-
 def available_backends(op: str, device: str) -> dict[str, Callable]:
     """backend name -> implementation of ``op``, for every fused backend that runs ``op`` on ``device``."""
     found = {}
@@ -255,7 +248,7 @@ def available_backends(op: str, device: str) -> dict[str, Callable]:
             module = backends.load(name, device)
         except backends.BackendUnavailable:
             continue
-        if implements(module, op, device):
+        if backends.implements(name, module, op, device):
             found[name] = getattr(module, op)
     return found
 
