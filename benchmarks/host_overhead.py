@@ -29,7 +29,7 @@ import torch
 import fastbert
 from benchmarks import timing
 from benchmarks.runner import RESULTS, device_folder, environment
-from fastbert import backends
+from fastbert import ops
 
 
 def tokenizer_batch(vocab: int, batch: int, seqlen: int, device) -> dict[str, torch.Tensor]:
@@ -51,7 +51,7 @@ def _bert(device, **config) -> torch.nn.Module:
     return model
 
 
-def _stub_kernels() -> backends.Kernels:
+def _stub_kernels() -> ops.Kernels:
     """Kernels that compute nothing: each returns a tensor of its output's shape, made once.
 
     Allocating a fresh output would time the allocator (large CPU blocks are mmap'ed anew each
@@ -65,7 +65,7 @@ def _stub_kernels() -> backends.Kernels:
             made[key] = like.new_empty(shape)
         return made[key]
 
-    return backends.Kernels(
+    return ops.Kernels(
         linear=lambda x, w, b=None: output(x, x.shape[0], w.shape[0]),
         attention=lambda q, k, v, *rest: output(q, *q.shape),
         linear_gelu=lambda x, w, b, approximate: output(x, x.shape[0], w.shape[0]),
@@ -96,12 +96,12 @@ def measure(device: torch.device, budget_s: float) -> dict:
     base = fastbert.optimize(_bert(device))
     base_batch = tokenizer_batch(30522, 8, 128, device)
     stubs = _stub_kernels()
-    real = backends.kernels
-    backends.kernels = lambda *args, **kwargs: stubs
+    real = ops.kernels
+    ops.kernels = lambda *args, **kwargs: stubs
     try:
         stubbed_us = _time({"fastbert": lambda: base(**base_batch)}, device, budget_s)["fastbert"]
     finally:
-        backends.kernels = real
+        ops.kernels = real
     return {
         "tiny_model": {"config": "12 layers, hidden 32, 2 heads, batch 4x32 (tokenizer-style)",
                        "fastbert_us": tiny_us["fastbert"], "hf_sdpa_us": tiny_us["hf_sdpa"],

@@ -22,8 +22,8 @@ Triton launch configuration of each kernel on a GPU (see fastbert.kernels.launch
 library on a CPU. The record keeps them under ``choices``, with every candidate's median, so a
 run on a new GPU shows which tiles win there.
 
-A backend is timed only on the ops it implements on the device (the extension has no CUDA
-attention kernel, for one). A candidate that raises is recorded with its error and left out of
+A backend is timed only on the ops it implements on the device (as fastbert.declarations
+declares them: the extension has no CUDA attention kernel, for one). A candidate that raises is recorded with its error and left out of
 the timing; the others go on. With ``--out`` the JSON is rewritten after every case (``finished``
 is null until the run ends), so a run stopped by a time limit keeps what it measured.
 """
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import interleaved
-from fastbert import backends, tuning
+from fastbert import backends, declarations, tuning
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -229,13 +229,6 @@ def cases(device: str, dtype: torch.dtype, tiny: bool = False) -> list[Case]:
     ]
 
 
-def implements(module, op: str, device: str) -> bool:
-    """Whether a backend module has a kernel for ``op`` on ``device`` tensors (a module may say
-    so through ``implements(op, device_type)``, as the extension does: no CUDA attention)."""
-    check = getattr(module, "implements", None)
-    return hasattr(module, op) and (check is None or bool(check(op, device)))
-
-
 def available_backends(op: str, device: str) -> dict[str, Callable]:
     """backend name -> implementation of ``op``, for every fused backend that runs ``op`` on ``device``."""
     found = {}
@@ -246,7 +239,7 @@ def available_backends(op: str, device: str) -> dict[str, Callable]:
             module = backends.load(name, device)
         except backends.BackendUnavailable:
             continue
-        if implements(module, op, device):
+        if backends.implements(name, module, op, device):
             found[name] = getattr(module, op)
     return found
 
@@ -337,8 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = DTYPES[args.dtype or ("float16" if args.device == "cuda" else "float32")]
     rounds = args.rounds or (50 if args.device == "cuda" else 10)
     ops = None if args.ops is None else tuple(args.ops.split(","))
-    if ops is not None and set(ops) - set(backends.OPS):
-        parser.error(f"--ops: unknown {sorted(set(ops) - set(backends.OPS))}; the ops are {backends.OPS}")
+    if ops is not None and set(ops) - set(declarations.STEPS):
+        parser.error(f"--ops: unknown {sorted(set(ops) - set(declarations.STEPS))}; the ops are {declarations.STEPS}")
     header = {
         "device": _device_name(args.device), "device_type": args.device, "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,7 +1,7 @@
 """Which implementation runs each op.
 
-Four backends exist; each is a module exposing some of the op functions of
-:mod:`fastbert.reference` under the same names and signatures:
+Four backends exist; each is a module exposing the op functions :mod:`fastbert.declarations`
+declares for it, under the names and signatures of :mod:`fastbert.reference`:
 
 ========  ==========================  ==============================================
 backend   runs on                     module
@@ -13,9 +13,8 @@ cpp       CPU tensors                 ``fastbert.extension`` (the compiled ``fas
 torch     anything                    ``fastbert.reference`` (plain PyTorch)
 ========  ==========================  ==============================================
 
-A module may also define ``implements(op, device_type, dtype) -> bool`` when the ops it has
-depend on the device or the weights' dtype (the extension has no CUDA attention kernel; on CUDA
-the Triton GEMM serves only fp16/bf16, fp32 goes to cuBLAS).
+A module may also define ``implements(op, device_type, dtype) -> bool`` when the ops it serves
+depend on the weights' dtype (on CUDA the Triton GEMM serves only fp16/bf16, fp32 goes to cuBLAS).
 
 Choosing: an explicit ``backend=`` argument wins, then the :func:`use_backend` context, then
 the ``FASTBERT_BACKEND`` environment variable, then the device default (CUDA: triton, cuda,
@@ -24,10 +23,11 @@ implement runs on the next backend of the device's order. A backend that cannot 
 here (no GPU, extension not built, Triton missing, a GPU older than the kernels need) is
 skipped with one warning that says why; plans are per device, so each GPU is judged on its own.
 
-:func:`kernels` resolves that choice once into the functions the encoder calls: in eager mode
-the backends' own functions, called directly (a ``torch.library`` custom op costs several times
-more host time per call than the kernel of a short batch); while ``torch.compile`` traces, the
-custom ops of :mod:`fastbert.ops`, which give it one graph node with a fake implementation each.
+:func:`fastbert.ops.kernels` resolves that choice once into the functions the encoder calls: in
+eager mode the backends' own functions, called directly (a ``torch.library`` custom op costs
+several times more host time per call than the kernel of a short batch); while ``torch.compile``
+traces, the custom ops of :mod:`fastbert.ops`, which give it one graph node with a fake
+implementation each.
 """
 
 from __future__ import annotations
@@ -37,18 +37,14 @@ import importlib
 import os
 import threading
 import warnings
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from fastbert import _compat
+from fastbert.declarations import BY_NAME, OPS
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
-OPS = ("linear", "attention", "linear_gelu", "add_layernorm", "embed_layernorm", "unpad", "pad")
-# The fused ops that train: each has a forward that saves what its backward needs, and a backward.
-TRAINED = ("attention", "linear_gelu", "add_layernorm", "embed_layernorm")
-TRAINING_OPS = tuple(f"{op}_{part}" for op in TRAINED for part in ("train", "backward"))
 DEVICE_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 ENV_VAR = "FASTBERT_BACKEND"
 
@@ -126,9 +122,10 @@ def _warn_once(backend: str, reason: str) -> None:
         warnings.warn(f"fastbert: backend {backend!r} unavailable, falling back: {reason}", stacklevel=3)
 
 
-def _implements(module, op: str, device_type: str, dtype: torch.dtype | None) -> bool:
+def implements(backend: str, module, op: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``op`` is declared for ``backend`` and its module serves it for these tensors."""
     check = getattr(module, "implements", None)
-    return hasattr(module, op) and (check is None or check(op, device_type, dtype))
+    return (backend == "torch" or backend in BY_NAME[op].backends) and (check is None or check(op, device_type, dtype))
 
 
 # Dynamo calls this eagerly and bakes the result into the graph: a plan depends only on
@@ -152,8 +149,9 @@ def plan(device: torch.device, backend: str | None = None, dtype: torch.dtype | 
     if "torch" not in modules:
         modules["torch"] = load("torch", device)
     result = {}
-    for op in OPS + TRAINING_OPS:
-        result[op] = next(name for name, module in modules.items() if _implements(module, op, device.type, dtype))
+    for op in OPS:
+        result[op.name] = next(name for name, module in modules.items()
+                               if implements(name, module, op.name, device.type, dtype))
     _plan_cache[key] = result
     return result
 
@@ -170,52 +168,3 @@ def implementation(op: str, backend: str, device_type: str, direct: bool = False
         pick = getattr(module, "function", None)
         _impl_cache[key] = pick(op, device_type, direct) if pick else getattr(module, op)
     return _impl_cache[key]
-
-
-class Kernels(NamedTuple):
-    """The function the encoder calls for each step, with the reference's signature."""
-
-    linear: Callable  # x Wᵀ + b: every GEMM that is not fused with GELU
-    attention: Callable
-    linear_gelu: Callable
-    add_layernorm: Callable
-    embed_layernorm: Callable
-    unpad: Callable
-    pad: Callable
-
-
-def _traced(op: str, backend: str) -> Callable:
-    from fastbert import ops
-
-    if op == "linear":
-        return F.linear  # Inductor plans GEMMs itself (and prepacks weights with freezing)
-    custom_op = getattr(ops, op)
-    return lambda *args, **kwargs: custom_op(*args, **kwargs, backend=backend)
-
-
-def kernels(device: torch.device, dtype: torch.dtype, backend: str | None = None, training: bool = False) -> Kernels:
-    """The functions running each op for ``dtype`` weights on ``device``, as :func:`plan` chooses.
-
-    Eager: each backend's own function, cached per (device type, dtype, choice, grad mode);
-    with gradients off, compiled kernels are called without the dispatcher. While
-    ``torch.compile`` traces: the custom ops, with the chosen backend bound. ``training``
-    (gradients or dropout wanted), eager or traced: the training ops with their autograd
-    (:func:`fastbert.ops.training_functions`), which also take dropout arguments.
-    """
-    chosen = plan(device, backend, dtype)
-    if training:
-        from fastbert import ops
-
-        if torch.compiler.is_compiling():
-            return Kernels(linear=F.linear, **ops.training_functions(chosen))
-        key = ("training", device.type, dtype, *chosen.values())
-        if key not in _kernels_cache:
-            _kernels_cache[key] = Kernels(linear=F.linear, **ops.training_functions(chosen))
-        return _kernels_cache[key]
-    if torch.compiler.is_compiling():
-        return Kernels(*(_traced(op, chosen[op]) for op in OPS))
-    direct = not torch.is_grad_enabled()
-    key = (device.type, dtype, direct, *chosen.values())
-    if key not in _kernels_cache:
-        _kernels_cache[key] = Kernels(*(implementation(op, chosen[op], device.type, direct) for op in OPS))
-    return _kernels_cache[key]

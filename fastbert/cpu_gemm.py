@@ -35,14 +35,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import weakref
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from fastbert import tuning
-from fastbert.views import stamp
+from fastbert.stamps import PerTensor
 
 try:
     from fastbert import _C
@@ -124,40 +123,28 @@ def _drop_losers(weight: torch.Tensor, chosen: str) -> None:
     (a later choice of another row bucket remakes what it needs)."""
     for layout, table in _PACKED.items():
         if layout != chosen:
-            table.pop(id(weight), None)
+            table.drop(weight)
 
 
-# id(weight) -> (weakref to it, stamp when packed, packed weight), one table per layout.
-_PACKED: dict[str, dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]]] = {ONEDNN: {}, MKL: {}, PANELS: {}}
-
-
-def _cached(layout: str, pack: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
-    table = _PACKED[layout]
-    key = id(weight)
-    current = stamp(weight)
-    entry = table.get(key)
-    if entry is None or entry[0]() is not weight or entry[1] != current:
-        with torch.inference_mode(False), torch.no_grad():
-            blocked = pack(weight.detach())
-        # The entry goes with the weight (its id may be reused only after that).
-        entry = (weakref.ref(weight, lambda _, key=key: table.pop(key, None)), current, blocked)
-        table[key] = entry
-    return entry[2]
+# The packed copy of each weight, one table per layout.
+_PACKED = {ONEDNN: PerTensor(lambda w: torch.ops.mkldnn._reorder_linear_weight(w)),
+           MKL: PerTensor(lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS)),
+           PANELS: PerTensor(lambda w: _C.cpu.pack_panels(w))}
 
 
 def packed(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [N, K] in oneDNN's blocked layout, made once per version of the weight."""
-    return _cached(ONEDNN, torch.ops.mkldnn._reorder_linear_weight, weight)
+    return _PACKED[ONEDNN].get(weight)
 
 
 def mkl_packed(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [N, K] in MKL's packed format (fp32), made once per version of the weight."""
-    return _cached(MKL, lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS), weight)
+    return _PACKED[MKL].get(weight)
 
 
 def panels(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [N, K] as the panel GEMM's ``[N / PANEL_WIDTH, K, PANEL_WIDTH]``, made once per version."""
-    return _cached(PANELS, _C.cpu.pack_panels, weight)
+    return _PACKED[PANELS].get(weight)
 
 
 def run(chosen: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ fill what the real tokens leave, ids are checked by device-side asserts and noth
 back. That is the path CUDA graphs capture (:mod:`fastbert.graphs`).
 
 Training: when gradients are on and a weight requires one, or the model trains with dropout,
-every op runs as a training op with its autograd (:func:`fastbert.ops.training_functions`):
+every op runs as a training op with its autograd (:func:`fastbert.ops.kernels`):
 dropout at each HF dropout module's rate (one seed per site and forward, drawn from torch's
 generator), the fused Q/K/V weight built in the graph, and a layer whose HF module has
 ``gradient_checkpointing`` set recomputed in the backward (``torch.utils.checkpoint``).
@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.utils.checkpoint
 
-from fastbert import backends, views
+from fastbert import ops, views
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ class Packing:
         cu_seqlens = torch.arange(0, batch * seqlen + 1, seqlen, dtype=torch.int32, device=device)
         return cls(indices, cu_seqlens, seqlen, batch, seqlen)
 
-    def pad(self, x: torch.Tensor, kernels: backends.Kernels) -> torch.Tensor:
+    def pad(self, x: torch.Tensor, kernels: ops.Kernels) -> torch.Tensor:
         """Packed rows ``[rows, ...]`` back to ``[batch, seqlen, ...]``, zeros at pad positions."""
         if self.valid is None:
             return kernels.pad(x, self.indices, self.batch, self.seqlen)
@@ -144,7 +144,7 @@ def _attention_bias(mask: torch.Tensor, batch: int, heads: int, seqlen: int, dty
     return mask.expand(batch, heads, seqlen, seqlen)
 
 
-def _layer(k: backends.Kernels, w: views.LayerView, h, packing: Packing, bias, causal: bool, heads: int, gelu: str,
+def _layer(k: ops.Kernels, w: views.LayerView, h, packing: Packing, bias, causal: bool, heads: int, gelu: str,
            fuse_in_graph: bool, relative=None, dropout: "_LayerDropout | None" = None):
     T, H = h.shape
     w_qkv, b_qkv = w.qkv.traced() if fuse_in_graph else w.qkv.get()
@@ -383,7 +383,7 @@ def encode(
     if grad and batch.bias is not None and batch.bias.requires_grad:
         raise ValueError("attention_mask requires grad, but fastbert gives an additive mask no gradient; "
                          "pass attention_mask.detach()")
-    k = backends.kernels(word.device, word.dtype, backend, training=training)
+    k = ops.kernels(word.device, word.dtype, backend, training=training)
     embedding_dropout = {} if not training else dict(
         dropout[0] if dropout is not None else {}, word_padding_idx=view.word_padding_idx,
         position_padding_idx=view.position_padding_idx)

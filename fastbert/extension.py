@@ -13,9 +13,9 @@ choice is fastbert's own panel GEMM, that applies them in its epilogue.
 
 Training: the CPU kernels also implement the training forwards (which return what their
 backward needs: the attention's log-sum-exp, LayerNorm's mean and rstd, the pre-activation) and
-the backwards, under the names of :mod:`fastbert.reference` (:data:`TRAINING_OPS`). Dropout masks
-are Philox draws bit for bit as the reference's. On CUDA the extension has no training kernels;
-:func:`implements` says so and those ops run on the next backend.
+the backwards, under the names of :mod:`fastbert.reference`. Dropout masks are Philox draws bit for
+bit as the reference's. On CUDA the extension has no training kernels (none is declared for the
+``cuda`` backend in :mod:`fastbert.declarations`); those ops run on the next backend.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import types
 import torch
 
 from fastbert import cpu_gemm
+from fastbert.declarations import implemented_by
 
 try:
     from fastbert import _C
@@ -40,11 +41,8 @@ _ops = torch.ops.fastbert
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
 CPU_ISA: str = _C.CPU_ISA
 
-# Ops with a CUDA kernel; the others run on the next CUDA backend.
-CUDA_OPS = ("linear_gelu", "add_layernorm", "embed_layernorm", "unpad", "pad")
-# Training forwards and backwards: CPU kernels only.
-TRAINING_OPS = ("attention_train", "attention_backward", "linear_gelu_train", "linear_gelu_backward",
-                "add_layernorm_train", "add_layernorm_backward", "embed_layernorm_train", "embed_layernorm_backward")
+# Ops with a CUDA kernel (declared for the cuda backend); the others run on the next CUDA backend.
+CUDA_OPS = implemented_by("cuda")
 
 # torch.backends.cpu.get_cpu_capability() names, weakest first.
 _CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
@@ -60,12 +58,6 @@ def unavailable_reason(device: torch.device | str) -> str | None:
         if have in _CAPABILITIES and _CAPABILITIES.index(have) < _CAPABILITIES.index(CPU_ISA.upper()):
             return f"fastbert._C was built for {CPU_ISA} but this CPU supports {have.lower()}"
     return None
-
-
-def implements(op: str, device_type: str, dtype: torch.dtype | None = None) -> bool:
-    """Whether the extension has a kernel for ``op`` on ``device_type`` tensors (on CUDA: the
-    :data:`CUDA_OPS`, no training op)."""
-    return device_type != "cuda" or op in CUDA_OPS
 
 
 def _entry_points(kernels) -> dict:
@@ -96,36 +88,21 @@ def _entry_points(kernels) -> dict:
         pre = cpu_gemm.linear(x, weight, bias)  # the library measured for the plain GEMM
         return kernels.gelu(pre, approximate), pre
 
-    names = ("attention", "add_layernorm", "embed_layernorm", "unpad", "pad", *TRAINING_OPS)
-    ops = {"linear": cpu_gemm.linear, "linear_gelu": linear_gelu,
-           **{name: getattr(kernels, name) for name in names if hasattr(kernels, name)}}
+    ops = {name: getattr(kernels, name) for name in implemented_by("cpp") if hasattr(kernels, name)}
+    ops.update(linear=cpu_gemm.linear, linear_gelu=linear_gelu)
     if hasattr(kernels, "linear_gelu_train"):
         ops["linear_gelu_train"] = linear_gelu_train
     return ops
 
 
-_KERNELS = ("attention", "linear_gelu", "bias_gelu_", "add_layernorm", "embed_layernorm", "unpad", "pad", "gelu",
-            *TRAINING_OPS)
+# The compiled kernels: the ops' and the two GELU passes linear_gelu runs after a library's GEMM.
+_KERNELS = (*(name for name in implemented_by("cpp") if name != "linear"), "bias_gelu_", "gelu")
 # Through the registered ops (their default overloads): autograd sees them, so a backward raises.
 _REGISTERED = _entry_points(types.SimpleNamespace(**{k: getattr(_ops, f"ext_{k}").default for k in _KERNELS}))
 # Straight calls of the compiled kernels, for each device: no dispatcher, no autograd.
 _DIRECT = {"cpu": _entry_points(_C.cpu), **({"cuda": _entry_points(_C.cuda)} if WITH_CUDA else {})}
 
-linear = _REGISTERED["linear"]
-attention = _REGISTERED["attention"]
-linear_gelu = _REGISTERED["linear_gelu"]
-add_layernorm = _REGISTERED["add_layernorm"]
-embed_layernorm = _REGISTERED["embed_layernorm"]
-unpad = _REGISTERED["unpad"]
-pad = _REGISTERED["pad"]
-attention_train = _REGISTERED["attention_train"]
-attention_backward = _REGISTERED["attention_backward"]
-linear_gelu_train = _REGISTERED["linear_gelu_train"]
-linear_gelu_backward = _REGISTERED["linear_gelu_backward"]
-add_layernorm_train = _REGISTERED["add_layernorm_train"]
-add_layernorm_backward = _REGISTERED["add_layernorm_backward"]
-embed_layernorm_train = _REGISTERED["embed_layernorm_train"]
-embed_layernorm_backward = _REGISTERED["embed_layernorm_backward"]
+globals().update(_REGISTERED)  # the ops' functions under their names: extension.attention, ...
 
 
 def function(op: str, device_type: str, direct: bool):

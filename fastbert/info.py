@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from fastbert import backends, machine, reference, tuning
+from fastbert import backends, declarations, machine, reference, tuning
 
 # The ISA flags that decide which CPU kernels run (fastbert's, oneDNN's, MKL's).
 ISA_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx")
@@ -76,7 +76,7 @@ def report() -> list[str]:
             lines.append(f"  {device.type} {name}: {state}")
         plan = backends.plan(device)
         lines.append(f"  {device.type} default plan: " + ", ".join(f"{op}={b}" for op, b in plan.items()
-                                                                     if op in backends.OPS))
+                                                                     if op in declarations.STEPS))
     folder = tuning.cache_dir()
     lines.append(f"measured choices: cache {folder if folder else f'off ({tuning.ENV_VAR})'}")
     made = tuning.decisions()
@@ -97,8 +97,7 @@ def _extension() -> list[str]:
         return [f"extension: not built ({exc})"]
     lines = [f"extension: ISA {extension.CPU_ISA}, CUDA {'yes' if extension.WITH_CUDA else 'no'}"]
     for device_type in ("cpu", "cuda") if extension.WITH_CUDA else ("cpu",):
-        ops = [op for op in backends.OPS + backends.TRAINING_OPS
-               if backends._implements(extension, op, device_type, None)]
+        ops = declarations.implemented_by("cuda" if device_type == "cuda" else "cpp")
         lines.append(f"  {device_type} kernels: {', '.join(ops)}")
     return lines
 
@@ -198,7 +197,7 @@ def check() -> bool:
                 continue
             for dtype, op, arg_sets in ((dtype, op, arg_sets) for dtype in CHECKED_DTYPES[device.type]
                                         for op, arg_sets in cases(device, dtype).items()):
-                if not backends._implements(module, op, device.type, dtype):
+                if not backends.implements(name, module, op, device.type, dtype):
                     continue
                 function = backends.implementation(op, name, device.type)
                 try:

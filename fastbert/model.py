@@ -43,6 +43,8 @@ def _layer(c: BertConfig) -> nn.ModuleDict:
 class Bert(nn.Module):
     """BERT embeddings, encoder layers and (optionally) the pooler, in HF's layout."""
 
+    fastbert_family = "BERT"  # the family fastbert.views reads it as (HF's BertModel tree)
+
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
         config.check_supported()

@@ -1,394 +1,177 @@
-"""The op seam: one ``torch.library`` custom op per fused step of the encoder.
+"""The op seam: one ``torch.library`` custom op per op of :mod:`fastbert.declarations`, and the
+step table the encoder calls.
 
-Each op takes a resolved ``backend`` name (see :mod:`fastbert.backends`) and forwards to that
-backend's function of the same name; shapes and semantics are those of the references in
-:mod:`fastbert.reference`. Every op has a fake implementation so ``torch.compile`` can trace it
-as a single node. Eager forwards skip this layer and call the backends' functions directly
-(:func:`fastbert.backends.kernels`); these ops are what ``torch.compile`` and tracing see.
+Each custom op takes a resolved ``backend`` name (see :mod:`fastbert.backends`) after the
+declared arguments and forwards to that backend's function of the same name; shapes and
+semantics are those of the references in :mod:`fastbert.reference`. Every op has its declared
+fake, so ``torch.compile`` traces it as a single node; each training forward has an autograd
+formula whose backward is itself an op (with a fake), so eager autograd, ``torch.compile``
+(forward and backward) and DDP all see the same graph. Training forwards also take
+``backward``, the backend of their backward op.
 
 Call them as ``fastbert.ops.attention(...)`` (or ``torch.ops.fastbert.attention``). ``backend`` is
 the last argument of each; attention's is keyword-only, as it follows the two optional
 relative-bias arguments (``rel_bias``, ``positions``).
+
+:func:`kernels` resolves the backends' plan once into the functions the encoder calls: in eager
+mode the backends' own functions, called directly (a custom op costs several times more host
+time per call than the kernel of a short batch); while ``torch.compile`` traces, these custom
+ops, the chosen backend bound.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 from torch import Tensor
 
-from fastbert.backends import implementation
-
-
-def _impl(op: str, backend: str, like: Tensor):
-    return implementation(op, backend, like.device.type)
-
-
-@torch.library.custom_op("fastbert::attention", mutates_args=())
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    scale: float,
-    causal: bool,
-    bias: Tensor | None,
-    rel_bias: Tensor | None = None,
-    positions: Tensor | None = None,
-    *,
-    backend: str,
-) -> Tensor:
-    return _impl("attention", backend, q)(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions)
+from fastbert import backends
+from fastbert.declarations import BY_NAME, OPS, STEPS, TRAINING_DEFAULTS, Op
 
+__all__ = ["Kernels", "kernels", *(op.name for op in OPS)]
 
-@attention.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias=None, positions=None, *, backend):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
 
-
-@torch.library.custom_op("fastbert::linear_gelu", mutates_args=())
-def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, approximate: str, backend: str) -> Tensor:
-    return _impl("linear_gelu", backend, x)(x, weight, bias, approximate)
+def _custom_schema(op: Op) -> str:
+    """The declared schema with ``str backend`` (and ``str backward``) after the declared arguments."""
+    args, arrow, results = op.schema.partition(" -> ")
+    added = ", ".join(["str backend"] + ["str backward"] * bool(op.backward))
+    return f"{args[:-1]}{', *, ' if '=' in args else ', '}{added}){arrow}{results}"
 
 
-@linear_gelu.register_fake
-def _(x, weight, bias, approximate, backend):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _arguments(op: Op) -> list:
+    """The declared arguments of ``op`` (torch's FunctionSchema arguments: name, type, default)."""
+    return torch._C.parse_schema(f"fastbert::{op.name}{op.schema}").arguments
 
+
+def _is_tensor(argument) -> bool:
+    return isinstance(argument.type, torch.TensorType) or argument.type == torch.OptionalType.ofTensor()
 
-@torch.library.custom_op("fastbert::add_layernorm", mutates_args=())
-def add_layernorm(
-    x: Tensor,
-    residual: Tensor,
-    bias: Tensor | None,
-    weight: Tensor,
-    ln_bias: Tensor,
-    eps: float,
-    backend: str,
-) -> Tensor:
-    return _impl("add_layernorm", backend, x)(x, residual, bias, weight, ln_bias, eps)
+
+def _forward_to_backend(op: Op) -> Callable:
+    name, arguments = op.name, _arguments(op)
+    names = [a.name for a in arguments] + ["backend"]
+    defaults = {a.name: a.default_value for a in arguments if a.has_default_value()}
 
+    def run(*args, **kwargs):
+        # The dispatcher leaves out trailing arguments at their defaults.
+        values = {**defaults, **dict(zip(names, args)), **kwargs}
+        like = next(a for a in args if isinstance(a, Tensor))
+        return backends.implementation(name, values["backend"], like.device.type)(*(values[a.name] for a in arguments))
 
-@add_layernorm.register_fake
-def _(x, residual, bias, weight, ln_bias, eps, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("fastbert::embed_layernorm", mutates_args=())
-def embed_layernorm(
-    input_ids: Tensor,
-    position_ids: Tensor,
-    token_type_ids: Tensor,
-    word_embeddings: Tensor,
-    position_embeddings: Tensor,
-    token_type_embeddings: Tensor,
-    weight: Tensor,
-    ln_bias: Tensor,
-    eps: float,
-    backend: str,
-) -> Tensor:
-    return _impl("embed_layernorm", backend, word_embeddings)(
-        input_ids,
-        position_ids,
-        token_type_ids,
-        word_embeddings,
-        position_embeddings,
-        token_type_embeddings,
-        weight,
-        ln_bias,
-        eps,
-    )
-
-
-@embed_layernorm.register_fake
-def _(input_ids, position_ids, token_type_ids, word_embeddings, *rest):
-    return word_embeddings.new_empty(input_ids.shape[0], word_embeddings.shape[1])
-
-
-@torch.library.custom_op("fastbert::unpad", mutates_args=())
-def unpad(x: Tensor, indices: Tensor, backend: str) -> Tensor:
-    return _impl("unpad", backend, x)(x, indices)
-
-
-@unpad.register_fake
-def _(x, indices, backend):
-    return x.new_empty(indices.shape[0], *x.shape[2:])
-
-
-@torch.library.custom_op("fastbert::pad", mutates_args=())
-def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int, backend: str) -> Tensor:
-    return _impl("pad", backend, x)(x, indices, batch, seqlen)
-
-
-@pad.register_fake
-def _(x, indices, batch, seqlen, backend):
-    return x.new_empty(batch, seqlen, *x.shape[1:])
-
-
-# ----------------------------------------------------------------------------- training
-# Forward ops that also return what their backward needs, each with an autograd formula whose
-# backward is itself an op (with a fake), so eager autograd, torch.compile (forward and backward)
-# and DDP all see the same graph. ``backend`` runs the forward, ``backward`` the backward op.
-# Dropout takes ``seed``, an int64 [1] tensor drawn per forward: a recomputation (gradient
-# checkpointing) passing the same seed draws the same mask.
-
-
-def _no_grad_for(name: str, t: Tensor | None) -> None:
-    if t is not None and t.requires_grad:
-        raise RuntimeError(f"{name} requires grad, but fastbert computes no gradient for it; detach it "
-                           f"(an attention mask is a constant of the forward)")
-
-
-@torch.library.custom_op("fastbert::attention_train", mutates_args=())
-def attention_train(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, causal: bool,
-                    bias: Tensor | None, rel_bias: Tensor | None, positions: Tensor | None, dropout_p: float,
-                    seed: Tensor | None, backend: str, backward: str) -> tuple[Tensor, Tensor]:
-    return _impl("attention_train", backend, q)(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias,
-                                                positions, dropout_p, seed)
-
-
-@attention_train.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed, backend, backward):
-    stats = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[1], q.shape[0], dtype=stats)
-
-
-@torch.library.custom_op("fastbert::attention_backward", mutates_args=())
-def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
-                       max_seqlen: int, scale: float, causal: bool, bias: Tensor | None, rel_bias: Tensor | None,
-                       positions: Tensor | None, dropout_p: float, seed: Tensor | None,
-                       backend: str) -> tuple[Tensor, Tensor]:
-    return _impl("attention_backward", backend, q)(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal,
-                                                   bias, rel_bias, positions, dropout_p, seed)
-
-
-@attention_backward.register_fake
-def _(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed,
-      backend):
-    table = rel_bias.new_empty(rel_bias.shape) if rel_bias is not None else q.new_empty(0, dtype=torch.float32)
-    return q.new_empty(q.shape[0], 3, q.shape[1], q.shape[2]), table
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p, seed, _, backward = inputs
-    _no_grad_for("the additive attention bias (a 3D/4D attention_mask)", bias)
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, bias, rel_bias, positions, seed)
-    ctx.args = (max_seqlen, scale, causal, dropout_p, backward)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _attention_grad(ctx, grad, _grad_lse):
-    q, k, v, out, lse, cu_seqlens, bias, rel_bias, positions, seed = ctx.saved_tensors
-    max_seqlen, scale, causal, dropout_p, backward = ctx.args
-    dqkv, d_rel_bias = attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, bias,
-                                          rel_bias, positions, dropout_p, seed, backward)
-    dq, dk, dv = dqkv.unbind(1)
-    d_rel_bias = d_rel_bias.to(rel_bias.dtype) if rel_bias is not None and ctx.needs_input_grad[8] else None
-    return dq, dk, dv, None, None, None, None, None, d_rel_bias, None, None, None, None, None
-
-
-attention_train.register_autograd(_attention_grad, setup_context=_attention_setup)
-
-
-@torch.library.custom_op("fastbert::linear_gelu_train", mutates_args=())
-def linear_gelu_train(x: Tensor, weight: Tensor, bias: Tensor, approximate: str, backend: str,
-                      backward: str) -> tuple[Tensor, Tensor]:
-    return _impl("linear_gelu_train", backend, x)(x, weight, bias, approximate)
-
-
-@linear_gelu_train.register_fake
-def _(x, weight, bias, approximate, backend, backward):
-    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("fastbert::linear_gelu_backward", mutates_args=())
-def linear_gelu_backward(grad: Tensor, x: Tensor, weight: Tensor, pre: Tensor, approximate: str,
-                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl("linear_gelu_backward", backend, x)(grad, x, weight, pre, approximate)
-
-
-@linear_gelu_backward.register_fake
-def _(grad, x, weight, pre, approximate, backend):
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
-
-
-def _linear_gelu_setup(ctx, inputs, output):
-    x, weight, bias, approximate, _, backward = inputs
-    ctx.save_for_backward(x, weight, output[1])
-    ctx.args = (approximate, backward)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _linear_gelu_grad(ctx, grad, _grad_pre):
-    x, weight, pre = ctx.saved_tensors
-    approximate, backward = ctx.args
-    dx, dweight, dbias = linear_gelu_backward(grad, x, weight, pre, approximate, backward)
-    return dx, dweight, dbias, None, None, None
-
-
-linear_gelu_train.register_autograd(_linear_gelu_grad, setup_context=_linear_gelu_setup)
-
-
-@torch.library.custom_op("fastbert::add_layernorm_train", mutates_args=())
-def add_layernorm_train(x: Tensor, residual: Tensor, bias: Tensor | None, weight: Tensor, ln_bias: Tensor, eps: float,
-                        dropout_p: float, seed: Tensor | None, backend: str,
-                        backward: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl("add_layernorm_train", backend, x)(x, residual, bias, weight, ln_bias, eps, dropout_p, seed)
-
-
-def _row_stats(x: Tensor) -> Tensor:
-    """A LayerNorm statistic (mean or rstd) of each row of ``x``: shaped like ``x`` without its last dim."""
-    return x.new_empty(x.shape[:-1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-
-
-@add_layernorm_train.register_fake
-def _(x, residual, bias, weight, ln_bias, eps, dropout_p, seed, backend, backward):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), _row_stats(x), _row_stats(x)
-
-
-@torch.library.custom_op("fastbert::add_layernorm_backward", mutates_args=())
-def add_layernorm_backward(grad: Tensor, x: Tensor, residual: Tensor, bias: Tensor | None, weight: Tensor,
-                           ln_bias: Tensor, mean: Tensor, rstd: Tensor, eps: float, dropout_p: float,
-                           seed: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _impl("add_layernorm_backward", backend, x)(grad, x, residual, bias, weight, ln_bias, mean, rstd, eps,
-                                                       dropout_p, seed)
-
-
-@add_layernorm_backward.register_fake
-def _(grad, x, residual, bias, weight, ln_bias, mean, rstd, eps, dropout_p, seed, backend):
-    dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(residual, memory_format=torch.contiguous_format), dbias, torch.empty_like(weight),
-            torch.empty_like(ln_bias))
-
-
-def _add_layernorm_setup(ctx, inputs, output):
-    x, residual, bias, weight, ln_bias, eps, dropout_p, seed, _, backward = inputs
-    ctx.save_for_backward(x, residual, bias, weight, ln_bias, output[1], output[2], seed)
-    ctx.args = (eps, dropout_p, backward)
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _add_layernorm_grad(ctx, grad, _grad_mean, _grad_rstd):
-    x, residual, bias, weight, ln_bias, mean, rstd, seed = ctx.saved_tensors
-    eps, dropout_p, backward = ctx.args
-    dx, dresidual, dbias, dweight, dln_bias = add_layernorm_backward(grad, x, residual, bias, weight, ln_bias, mean,
-                                                                     rstd, eps, dropout_p, seed, backward)
-    return dx, dresidual, dbias if bias is not None else None, dweight, dln_bias, None, None, None, None, None
-
-
-add_layernorm_train.register_autograd(_add_layernorm_grad, setup_context=_add_layernorm_setup)
-
-
-@torch.library.custom_op("fastbert::embed_layernorm_train", mutates_args=())
-def embed_layernorm_train(input_ids: Tensor, position_ids: Tensor, token_type_ids: Tensor, word_embeddings: Tensor,
-                          position_embeddings: Tensor, token_type_embeddings: Tensor, weight: Tensor, ln_bias: Tensor,
-                          eps: float, dropout_p: float, seed: Tensor | None, word_padding_idx: int,
-                          position_padding_idx: int, backend: str, backward: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl("embed_layernorm_train", backend, word_embeddings)(
-        input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings, token_type_embeddings, weight,
-        ln_bias, eps, dropout_p, seed, word_padding_idx, position_padding_idx)
-
-
-@embed_layernorm_train.register_fake
-def _(input_ids, position_ids, token_type_ids, word_embeddings, *rest):
-    out = word_embeddings.new_empty(input_ids.shape[0], word_embeddings.shape[1])
-    return out, _row_stats(out), _row_stats(out)
-
-
-@torch.library.custom_op("fastbert::embed_layernorm_backward", mutates_args=())
-def embed_layernorm_backward(grad: Tensor, input_ids: Tensor, position_ids: Tensor, token_type_ids: Tensor,
-                             word_embeddings: Tensor, position_embeddings: Tensor, token_type_embeddings: Tensor,
-                             weight: Tensor, ln_bias: Tensor, mean: Tensor, rstd: Tensor, eps: float, dropout_p: float,
-                             seed: Tensor | None, word_padding_idx: int, position_padding_idx: int,
-                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _impl("embed_layernorm_backward", backend, word_embeddings)(
-        grad, input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings, token_type_embeddings,
-        weight, ln_bias, mean, rstd, eps, dropout_p, seed, word_padding_idx, position_padding_idx)
-
-
-@embed_layernorm_backward.register_fake
-def _(grad, input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings, token_type_embeddings,
-      weight, ln_bias, *rest):
-    return tuple(torch.empty_like(t) for t in (word_embeddings, position_embeddings, token_type_embeddings, weight,
-                                                ln_bias))
-
-
-def _embed_layernorm_setup(ctx, inputs, output):
-    ids, pos, types, word, position, token_type, weight, ln_bias, eps, dropout_p, seed, word_pad, pos_pad, _, bwd = inputs
-    ctx.save_for_backward(ids, pos, types, word, position, token_type, weight, ln_bias, output[1], output[2], seed)
-    ctx.args = (eps, dropout_p, word_pad, pos_pad, bwd)
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _embed_layernorm_grad(ctx, grad, _grad_mean, _grad_rstd):
-    ids, pos, types, word, position, token_type, weight, ln_bias, mean, rstd, seed = ctx.saved_tensors
-    eps, dropout_p, word_pad, pos_pad, backward = ctx.args
-    grads = embed_layernorm_backward(grad, ids, pos, types, word, position, token_type, weight, ln_bias, mean, rstd,
-                                     eps, dropout_p, seed, word_pad, pos_pad, backward)
-    return (None, None, None, *grads, *([None] * 7))
-
-
-embed_layernorm_train.register_autograd(_embed_layernorm_grad, setup_context=_embed_layernorm_setup)
-
-
-# pad and unpad are each other's backward.
-def _unpad_setup(ctx, inputs, output):
-    x, indices, backend = inputs
-    ctx.save_for_backward(indices)
-    ctx.args = (x.shape[0], x.shape[1], backend)
-
-
-def _unpad_grad(ctx, grad):
-    (indices,) = ctx.saved_tensors
-    batch, seqlen, backend = ctx.args
-    return pad(grad, indices, batch, seqlen, backend), None, None
-
-
-unpad.register_autograd(_unpad_grad, setup_context=_unpad_setup)
-
-
-def _pad_setup(ctx, inputs, output):
-    x, indices, batch, seqlen, backend = inputs
-    ctx.save_for_backward(indices)
-    ctx.backend = backend
-
-
-def _pad_grad(ctx, grad):
-    (indices,) = ctx.saved_tensors
-    return unpad(grad.contiguous(), indices, ctx.backend), None, None, None, None
-
-
-pad.register_autograd(_pad_grad, setup_context=_pad_setup)
-
-
-def training_functions(chosen: dict[str, str]) -> dict:
-    """The encoder's step functions with autograd, over the ops above, for the backends of ``chosen``
-    (an op -> backend plan): the inference signatures plus the dropout (and, for the embeddings,
-    padding-row) keyword arguments."""
-    def bound(op: str) -> tuple[str, str]:
-        return chosen[f"{op}_train"], chosen[f"{op}_backward"]
-
-    def attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias=None, positions=None, *,
-                  dropout_p=0.0, seed=None):
-        return attention_train(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, dropout_p,
-                               seed, *bound("attention"))[0]
-
-    def linear_gelu(x, weight, bias, approximate):
-        return linear_gelu_train(x, weight, bias, approximate, *bound("linear_gelu"))[0]
-
-    def add_layernorm(x, residual, bias, weight, ln_bias, eps, *, dropout_p=0.0, seed=None):
-        return add_layernorm_train(x, residual, bias, weight, ln_bias, eps, dropout_p, seed,
-                                   *bound("add_layernorm"))[0]
-
-    def embed_layernorm(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
-                        token_type_embeddings, weight, ln_bias, eps, *, dropout_p=0.0, seed=None,
-                        word_padding_idx=-1, position_padding_idx=-1):
-        return embed_layernorm_train(input_ids, position_ids, token_type_ids, word_embeddings, position_embeddings,
-                                     token_type_embeddings, weight, ln_bias, eps, dropout_p, seed, word_padding_idx,
-                                     position_padding_idx, *bound("embed_layernorm"))[0]
-
-    return dict(attention=attention, linear_gelu=linear_gelu, add_layernorm=add_layernorm,
-                embed_layernorm=embed_layernorm,
-                unpad=lambda x, indices: unpad(x, indices, chosen["unpad"]),
-                pad=lambda x, indices, batch, seqlen: pad(x, indices, batch, seqlen, chosen["pad"]))
+    return run
+
+
+def _training_autograd(op: Op) -> tuple[Callable, Callable]:
+    """The autograd formula of a training forward: its backward op over the saved arguments and
+    results it names, its results the gradients of the inputs ``op.gradients`` names."""
+    names = [a.name for a in _arguments(op)] + ["backend", "backward"]
+    results = [r.name for r in torch._C.parse_schema(f"fastbert::{op.name}{op.schema}").returns]
+    backward_op = BY_NAME[op.backward]
+    read = [a.name for a in _arguments(backward_op)]  # "grad", then the forward's arguments and results
+    kinds = {a.name: _is_tensor(a) for a in _arguments(op)} | dict.fromkeys(results, True)
+    saved = [n for n in read[1:] if kinds[n]]
+    kept = [n for n in read[1:] if not kinds[n]]
+    targets = [n for entry in op.gradients for n in (entry if isinstance(entry, tuple) else (entry,))]
+    constants = [a.name for a in _arguments(op) if _is_tensor(a) and a.name not in targets]
+    run_backward = CUSTOM_OPS[backward_op.name]
+
+    def setup_context(ctx, inputs, output):
+        values = dict(zip(names, inputs))
+        for name in constants:
+            if isinstance(values[name], Tensor) and values[name].requires_grad:
+                raise RuntimeError(f"{op.constants.get(name, name)} requires grad, but fastbert computes no "
+                                   f"gradient for it; detach it")
+        values.update(zip(results, output))
+        ctx.save_for_backward(*(values[n] for n in saved))
+        ctx.kept = tuple(values[n] for n in kept)
+        ctx.backend = values["backward"]
+        ctx.dtypes = [t.dtype if isinstance(t, Tensor) else None for t in inputs]
+        ctx.mark_non_differentiable(*output[1:])
+
+    def backward(ctx, grad, *_grad_of_saved):
+        values = dict(zip(saved, ctx.saved_tensors), **dict(zip(kept, ctx.kept)), grad=grad)
+        grads = {}
+        for entry, result in zip(op.gradients, run_backward(*(values[n] for n in read), ctx.backend)):
+            grads.update(zip(entry, result.unbind(1)) if isinstance(entry, tuple) else {entry: result})
+        return tuple(grads[n].to(ctx.dtypes[i]) if ctx.needs_input_grad[i] and n in grads else None
+                     for i, n in enumerate(names))
+
+    return backward, setup_context
+
+
+def _define(op: Op):
+    custom = torch.library.custom_op(f"fastbert::{op.name}", _forward_to_backend(op), mutates_args=(),
+                                     schema=_custom_schema(op))
+    custom.register_fake(lambda *args, **kwargs: op.fake(*args[:len(_arguments(op))]))
+    return custom
+
+
+# Forwards before the training forwards whose autograd calls them (the table's order).
+CUSTOM_OPS: dict[str, Callable] = {}
+for _op in sorted(OPS, key=lambda op: op.backward is not None):
+    CUSTOM_OPS[_op.name] = _define(_op)
+    if _op.backward or _op.autograd:
+        formula, setup = _training_autograd(_op) if _op.backward else _op.autograd
+        CUSTOM_OPS[_op.name].register_autograd(formula, setup_context=setup)
+globals().update(CUSTOM_OPS)
+
+
+# ----------------------------------------------------------------------------- the step table
+
+Kernels = NamedTuple("Kernels", [(name, Callable) for name in STEPS])
+Kernels.__doc__ = "The function the encoder calls for each step, with the reference's signature."
+
+_kernels_cache: dict[tuple, Kernels] = {}
+
+
+def _traced(op: Op, backend: str) -> Callable:
+    if op.traced is not None:
+        return op.traced
+    custom_op = CUSTOM_OPS[op.name]
+    return lambda *args, **kwargs: custom_op(*args, **kwargs, backend=backend)
+
+
+def _training_step(op: Op, chosen: dict[str, str]) -> Callable:
+    """The step ``op`` with autograd: its training forward (the inference signature plus the
+    keyword arguments :data:`~fastbert.declarations.TRAINING_DEFAULTS` turns off), or the op itself."""
+    if op.train is None:
+        return _traced(op, chosen[op.name])
+    train = BY_NAME[op.train]
+    names = [a.name for a in _arguments(train)]
+    defaults = {a.name: a.default_value for a in _arguments(op) if a.has_default_value()} | TRAINING_DEFAULTS
+    custom_op, bound = CUSTOM_OPS[train.name], (chosen[train.name], chosen[train.backward])
+
+    def step(*args, **kwargs):
+        values = dict(zip(names, args), **kwargs)
+        return custom_op(*(values[n] if n in values else defaults[n] for n in names), *bound)[0]
+
+    return step
+
+
+def kernels(device: torch.device, dtype: torch.dtype, backend: str | None = None, training: bool = False) -> Kernels:
+    """The functions running each step for ``dtype`` weights on ``device``, as
+    :func:`fastbert.backends.plan` chooses.
+
+    Eager: each backend's own function, cached per (device type, dtype, choice, grad mode);
+    with gradients off, compiled kernels are called without the dispatcher. While
+    ``torch.compile`` traces: the custom ops, with the chosen backend bound. ``training``
+    (gradients or dropout wanted), eager or traced: the training forwards with their autograd,
+    which also take dropout arguments.
+    """
+    chosen = backends.plan(device, backend, dtype)
+    if training:
+        if torch.compiler.is_compiling():
+            return Kernels(*(_training_step(BY_NAME[name], chosen) for name in STEPS))
+        key = ("training", device.type, dtype, *chosen.values())
+        if key not in _kernels_cache:
+            _kernels_cache[key] = Kernels(*(_training_step(BY_NAME[name], chosen) for name in STEPS))
+        return _kernels_cache[key]
+    if torch.compiler.is_compiling():
+        return Kernels(*(_traced(BY_NAME[name], chosen[name]) for name in STEPS))
+    direct = not torch.is_grad_enabled()
+    key = (device.type, dtype, direct, *chosen.values())
+    if key not in _kernels_cache:
+        _kernels_cache[key] = Kernels(*(backends.implementation(name, chosen[name], device.type, direct)
+                                        for name in STEPS))
+    return _kernels_cache[key]

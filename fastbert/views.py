@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from fastbert.config import GELU_BY_HIDDEN_ACT, UnsupportedConfigError
+from fastbert.stamps import Derived
 
 _generation = 0
 
@@ -47,40 +48,6 @@ def _bump(*_args) -> None:
 nn.modules.module.register_module_parameter_registration_hook(_bump)
 nn.modules.module.register_module_buffer_registration_hook(_bump)
 nn.modules.module.register_module_module_registration_hook(_bump)
-
-
-def stamp(t: torch.Tensor) -> tuple[int, int]:
-    """What changes when ``t``'s contents may have: its version and its storage.
-
-    Inference tensors (made under ``torch.inference_mode``) keep no version counter; an
-    in-place update of one inside inference mode is not seen.
-    """
-    return (-1 if t.is_inference() else t._version), t.data_ptr()
-
-
-class Derived:
-    """A weight computed from parameters, ``build(*sources)``, kept until a source's version or
-    storage changes: the fused Q/K/V projection of a layer, MPNet's relative-bias table."""
-
-    def __init__(self, build: Callable, *sources: torch.Tensor):
-        self.build, self.sources = build, sources
-        self._stamp = None
-        self.value = None
-
-    def traced(self):
-        """Built as part of the graph (``torch.compile`` folds or reuses it)."""
-        return self.build(*self.sources)
-
-    def get(self):
-        """The kept value, rebuilt if a source changed since the last call."""
-        # map, not a generator: this runs once per layer and forward.
-        current = tuple(map(stamp, self.sources))
-        if current != self._stamp:
-            # A normal tensor even when built under inference_mode, so it serves every mode after.
-            with torch.inference_mode(False), torch.no_grad():
-                self.value = self.traced()
-            self._stamp = current
-        return self.value
 
 
 def _fuse_qkv(wq, wk, wv, bq, bk, bv) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,6 +270,7 @@ FAMILIES = (
     Family("MPNet", ("MPNetModel",), read_mpnet, "module", "BaseModelOutputWithPooling"),
 )
 _BY_CLASS_NAME = {name: family for family in FAMILIES for name in family.backbones}
+_BY_NAME = {family.name: family for family in FAMILIES}
 _family_of_type: dict[type, Family | None] = {}
 
 
@@ -310,9 +278,7 @@ def family_of(module: nn.Module) -> Family | None:
     """The family whose backbone ``module`` is (a transformers class or a subclass of one), or None."""
     cls = type(module)
     if cls not in _family_of_type:
-        from fastbert.model import Bert  # the standalone model reads as BERT
-
-        found = FAMILIES[0] if issubclass(cls, Bert) else None
+        found = _BY_NAME.get(getattr(cls, "fastbert_family", None))  # fastbert.Bert: "BERT"
         for base in cls.__mro__:
             if found is None and base.__module__.startswith("transformers."):
                 found = _BY_CLASS_NAME.get(base.__name__)

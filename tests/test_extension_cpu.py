@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from fastbert import backends, reference
+from fastbert import backends, declarations, reference
 from relative_bias import bad_arguments, columns_with_holes, table
 from tolerance import assert_within_rule
 
@@ -245,11 +245,11 @@ def test_unpad_and_pad(trailing, dtype, kernel_device):
 def test_cpu_plan_uses_the_extension_for_every_op():
     assert extension.unavailable_reason("cpu") is None
     plan = backends.plan(torch.device("cpu"), "cpp")
-    assert plan == {op: "cpp" for op in backends.OPS + backends.TRAINING_OPS}
+    assert plan == {op: "cpp" for op in declarations.NAMES}
 
 
 def test_cuda_plan_has_no_extension_attention():
-    assert not extension.implements("attention", "cuda")
-    assert all(extension.implements(op, "cpu") for op in backends.OPS + backends.TRAINING_OPS)
+    assert not backends.implements("cuda", extension, "attention", "cuda")
+    assert all(backends.implements("cpp", extension, op, "cpu") for op in declarations.NAMES)
     if not extension.WITH_CUDA:
         assert extension.unavailable_reason("cuda") == "fastbert._C was built without CUDA"

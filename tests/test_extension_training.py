@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from fastbert import reference
+from fastbert import backends, declarations, reference
 from relative_bias import columns_with_holes, table
 from tolerance import assert_within_rule
 
@@ -333,7 +333,7 @@ def test_embed_layernorm_backward_deterministic_across_runs_and_threads():
 
 
 def test_no_training_op_on_cuda():
-    for op in extension.TRAINING_OPS:
-        assert extension.implements(op, "cpu", torch.float32)
-        assert not extension.implements(op, "cuda", torch.float32)
-        assert not extension.implements(op, "cuda", torch.bfloat16)
+    for op in declarations.TRAINING_OPS:
+        assert backends.implements("cpp", extension, op, "cpu", torch.float32)
+        assert not backends.implements("cuda", extension, op, "cuda", torch.float32)
+        assert not backends.implements("cuda", extension, op, "cuda", torch.bfloat16)

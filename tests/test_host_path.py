@@ -18,7 +18,7 @@ import torch
 from torch.profiler import profile
 
 import fastbert
-from fastbert import encoder, graphs
+from fastbert import encoder, graphs, ops
 
 transformers = pytest.importorskip("transformers")
 
@@ -175,8 +175,8 @@ def test_kernels_skip_the_dispatcher_only_without_gradients():
 
     cpu = torch.device("cpu")
     with torch.no_grad():
-        assert backends.kernels(cpu, torch.float32, "cpp").attention is extension._C.cpu.attention
-    assert backends.kernels(cpu, torch.float32, "cpp").attention is torch.ops.fastbert.ext_attention.default
+        assert ops.kernels(cpu, torch.float32, "cpp").attention is extension._C.cpu.attention
+    assert ops.kernels(cpu, torch.float32, "cpp").attention is torch.ops.fastbert.ext_attention.default
     # With gradients on, the training ops run (the custom ops with their autograd) and the
     # encoder's weights get gradients.
     model = fastbert.optimize(small_model(), backend="cpp")

@@ -385,8 +385,8 @@ def test_triton_backend_trains_like_hf(family, monkeypatch):
     used = BackendsUsed(monkeypatch)
     our_loss = _step_loss(ours, batch)
     cublas = ("linear_gelu_train", "linear_gelu_backward") if device == "cuda" else ()
-    trained = {(op, backend) for op, backend in used.calls if op in fastbert.backends.TRAINING_OPS}
-    assert {op for op, _ in trained} == set(fastbert.backends.TRAINING_OPS), used.calls
+    trained = {(op, backend) for op, backend in used.calls if op in fastbert.declarations.TRAINING_OPS}
+    assert {op for op, _ in trained} == set(fastbert.declarations.TRAINING_OPS), used.calls
     assert all((backend == "triton") == (op not in cublas) for op, backend in trained), used.calls
     assert math.isclose(our_loss.item(), hf_loss.item(), rel_tol=1e-5)
     hf_grads, our_grads = _grads(hf_model), _grads(ours)

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from fastbert import backends, ops, reference
+from fastbert import backends, declarations, ops, reference
 from tolerance import assert_within_rule
 
 SEED = torch.tensor([1234567], dtype=torch.int64)
@@ -32,7 +32,7 @@ def _cpu_backends() -> list[str]:
             module = backends.load(name, "cpu")
         except backends.BackendUnavailable:
             continue
-        if all(hasattr(module, op) for op in backends.TRAINING_OPS):
+        if all(hasattr(module, op) for op in declarations.TRAINING_OPS):
             found.add(name)
     return sorted(found)
 
