@@ -138,8 +138,7 @@ def _training_step(op: Op, chosen: dict[str, str]) -> Callable:
     if op.train is None:
         return _traced(op, chosen[op.name])
     train = BY_NAME[op.train]
-    names = [a.name for a in _arguments(train)]
-    defaults = {a.name: a.default_value for a in _arguments(op) if a.has_default_value()} | TRAINING_DEFAULTS
+    names, defaults = _TRAINING_CALLS[op.name]
     custom_op, bound = CUSTOM_OPS[train.name], (chosen[train.name], chosen[train.backward])
 
     def step(*args, **kwargs):
@@ -147,6 +146,15 @@ def _training_step(op: Op, chosen: dict[str, str]) -> Callable:
         return custom_op(*(values[n] if n in values else defaults[n] for n in names), *bound)[0]
 
     return step
+
+
+# Per trained step: its training forward's argument names, and the defaults that turn training
+# off. Read from the schemas once, here: a step is also made while torch.compile traces, and
+# Dynamo cannot trace torch's schema parser.
+_TRAINING_CALLS = {op.name: ([a.name for a in _arguments(BY_NAME[op.train])],
+                             {a.name: a.default_value for a in _arguments(op) if a.has_default_value()}
+                             | TRAINING_DEFAULTS)
+                   for op in OPS if op.train is not None}
 
 
 def kernels(device: torch.device, dtype: torch.dtype, backend: str | None = None, training: bool = False) -> Kernels:

@@ -348,19 +348,20 @@ def test_fine_tuning_example_losses_match():
 
 
 class BackendsUsed:
-    """Records the backend each training op call runs on (every call passes through ``ops._impl``)."""
+    """Records the backend each training op call runs on (every custom op's call resolves its
+    function through ``backends.implementation``)."""
 
     def __init__(self, monkeypatch):
-        from fastbert import ops
+        from fastbert import backends
 
         self.calls: set[tuple[str, str]] = set()
-        original = ops._impl
+        original = backends.implementation
 
-        def recorded(op, backend, like):
+        def recorded(op, backend, device_type, direct=False):
             self.calls.add((op, backend))
-            return original(op, backend, like)
+            return original(op, backend, device_type, direct)
 
-        monkeypatch.setattr(ops, "_impl", recorded)
+        monkeypatch.setattr(backends, "implementation", recorded)
 
 
 @pytest.mark.parametrize("family", ["Bert", "MPNet"], ids=["bert", "relative-bias"])
