@@ -888,8 +888,10 @@ def backward_config(head_dim: int, dtype: torch.dtype, interpreting: bool = Fals
     if dtype == torch.float32:
         if arch >= 90:  # more dQ warps spilled 8-28 bytes there with Triton 3.8 (at 64-80 registers)
             # 8 dK/dV warps spilled 24 bytes at head dims 80 and 96 with Triton 3.9 (at 80 registers),
-            # 4 did at 128 with the relative bias.
-            return BackwardConfig(Config(16, 16, 4 if head_dim <= 96 else 8, 1), Config(16, 16, 4, 1))
+            # 4 did at 128 with the relative bias; above 128, with dropout drawing four values per
+            # Philox call, 8 spilled 8 bytes (relative bias, Triton 3.9) and 16 do not.
+            dkdv_warps = 4 if head_dim <= 96 else 8 if head_dim <= 128 else 16
+            return BackwardConfig(Config(16, 16, dkdv_warps, 1), Config(16, 16, 4, 1))
         dq_warps = 4 if width <= 64 else 8 if width <= 128 else 16  # fewer spill (16-96 bytes on sm_80)
         return BackwardConfig(Config(16, 16, 4 if width <= 64 else 8, 1), Config(16, 16, dq_warps, 1))
     if width <= 64:
