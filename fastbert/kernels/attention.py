@@ -769,6 +769,13 @@ def _extra_args(q, cu_seqlens, max_seqlen, bias, rel_bias, positions):
     return bias_args, rel_args
 
 
+def _launch_key(q, causal, bias, rel_bias, dropout, max_seqlen) -> tuple:
+    """What a measured launch configuration is kept under (see :mod:`fastbert.kernels.launch`):
+    the architecture (first), head dim, dtype, the flags and the max sequence length's bucket."""
+    return (gpu_arch(q.device), q.shape[2], q.dtype, causal, bias is not None, rel_bias is not None, dropout,
+            tuning.bucket(max_seqlen))
+
+
 def _forward(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, positions, out, launch, lse, dropout_p,
              seed):
     """Launch the forward kernel; ``lse`` (or None) receives the log-sum-exp, dropout when ``dropout_p`` > 0."""
@@ -804,11 +811,10 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias, rel_bias, pos
         if _compat.interpreting():
             launch = config(head_dim, q.dtype, True)
         else:
-            arch = gpu_arch(q.device)
-            key = (arch, head_dim, q.dtype, causal, bias is not None, rel_bias is not None, dropout,
-                   tuning.bucket(max_seqlen))
+            key = _launch_key(q, causal, bias, rel_bias, dropout, max_seqlen)
             launch = tile("attention_train" if train else "attention", key, q,
-                          lambda: config_candidates(head_dim, q.dtype, arch, masked, rel_bias is not None, train), run)
+                          lambda: config_candidates(head_dim, q.dtype, key[0], masked, rel_bias is not None, train),
+                          run)
     run(launch)
     return out
 
@@ -1006,11 +1012,9 @@ def attention_backward(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, c
         if _compat.interpreting():
             launch = backward_config(head_dim, q.dtype, True)
         else:
-            arch = gpu_arch(q.device)
-            key = (arch, head_dim, q.dtype, causal, bias is not None, rel_bias is not None, dropout,
-                   tuning.bucket(max_seqlen))
-            launch = tile("attention_backward", key, q, lambda: backward_config_candidates(head_dim, q.dtype, arch),
-                          run)
+            key = _launch_key(q, causal, bias, rel_bias, dropout, max_seqlen)
+            launch = tile("attention_backward", key, q,
+                          lambda: backward_config_candidates(head_dim, q.dtype, key[0]), run)
     partial = run(launch)
     if rel_bias is not None:
         d_rel = partial.sum((1, 2))  # a fixed-order reduction over the programs' partial sums
